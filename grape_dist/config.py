@@ -1,0 +1,351 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides, validated up front.
+
+Every section is a dataclass whose defaults are the documented defaults. Loading is strict: an
+unknown key, a value of the wrong type or a value out of range raises `ConfigError` naming the
+dotted key and what is allowed, before any model is built or any rank starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+RULES = ("bp", "fa", "dfa", "drtp", "pepita", "grape")
+# Rules that update every block from a directly projected signal (no backward between blocks).
+DIRECT_RULES = ("dfa", "drtp", "grape")
+CALIBRATED_RULES = ("dfa", "grape")
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class OptimConfig:
+    """A torch optimiser. `momentum` is SGD's; `betas` are Adam's."""
+
+    name: Literal["sgd", "adam", "adamw"] = "adam"
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class ModelConfig:
+    """`mlp`: `hidden` widths; `lenet`: conv `channels`, then fully connected `hidden` widths."""
+
+    name: Literal["mlp", "lenet"] = "mlp"
+    hidden: list[int] = field(default_factory=lambda: [1024, 1024])
+    channels: list[int] = field(default_factory=lambda: [6, 16])
+    activation: Literal["relu", "tanh"] = "relu"
+
+
+@dataclass
+class DataConfig:
+    name: Literal["mnist", "cifar10", "cifar100"] = "mnist"
+    # Folder in the hub's parquet layout; None: $GRAPE_DATA_DIR, then the embedded MNIST copy.
+    root: str | None = None
+    batch_size: int = 128
+    eval_batch_size: int = 1000
+    # Train on a fixed random subset of this many samples (0 = all); for quick runs and tests.
+    train_subset: int = 0
+    test_subset: int = 0
+
+
+@dataclass
+class FeedbackConfig:
+    """Initial feedback matrices B_l (d_out x n_l) of the direct rules and FA."""
+
+    init: Literal["gaussian", "uniform"] = "gaussian"
+    # Unit-norm columns, as GrAPE's renormalisation keeps them; DFA starts from the same B.
+    normalize_columns: bool = True
+
+
+@dataclass
+class GrapeConfig:
+    """GrAPE's feedback learning (paper section 3, App. C); defaults are justified in docs/."""
+
+    tangent_space: Literal["auto", "activation", "weight"] = "auto"
+    routing: Literal["per_block", "shared"] = "per_block"
+    # Tangents on the first m samples of each micro-batch only (0 = every sample).
+    tangent_samples: int = 0
+    # Optimiser of B on L_align = 1 - mean_k cos(B[:, k], J_hat[:, k]) (the 1/n_l of eq. 17 is in
+    # the gradient). The paper's SGD(0.9) lr 0.01 barely moves B; see docs/grape.md.
+    b_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(name="sgd", lr=1.0, momentum=0.9)
+    )
+    eps: float = 1e-8
+
+
+@dataclass
+class PepitaConfig:
+    # F entries ~ U(-s, s) with s = f_scale * sqrt(6 / input_dim) (Dellaferrera & Kreiman 2022).
+    f_scale: float = 0.05
+
+
+@dataclass
+class CalibrationConfig:
+    """One exact BP step on one random mini-batch every `every_epochs` epochs (0 = off)."""
+
+    every_epochs: int = 0
+    batch_size: int = 128
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(name="sgd", lr=0.01, momentum=0.9)
+    )
+
+
+@dataclass
+class PipelineConfig:
+    """How the blocks are split into stages (issue: multi-rank pipeline)."""
+
+    micro_batches: int = 1
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    # Evaluate (test split + alignment probe) every this many epochs; the last epoch always is.
+    eval_every: int = 1
+    probe_batch_size: int = 256
+    # torch intra-op threads; 0 leaves torch's default.
+    threads: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    seed: int = 0
+    rule: Literal["bp", "fa", "dfa", "drtp", "pepita", "grape"] = "grape"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    grape: GrapeConfig = field(default_factory=GrapeConfig)
+    pepita: PepitaConfig = field(default_factory=PepitaConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Strict conversion from plain YAML data to the dataclasses.
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(tp))}]"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Return `value` as type `tp` or raise ConfigError naming `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(
+                f"{key}: {value!r} is not allowed; allowed values: {', '.join(map(str, allowed))}"
+            )
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list ({_type_name(tp)}), got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+            return tuple(_convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        out = [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(out) if origin is tuple else out
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{prefix}.{k}" if prefix else str(k)
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            where = f"under '{prefix}'" if prefix else "at the top level"
+            raise ConfigError(
+                f"unknown key '{key}'{hint}; allowed keys {where}: {', '.join(names)}"
+            )
+        kwargs[k] = _convert(v, hints[k], key)
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def parse_override(text: str) -> dict:
+    """`a.b.c=value` -> {"a": {"b": {"c": value}}}, the value parsed as YAML (3 -> int, etc.)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override '{text}' has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+    out: dict = {}
+    node = out
+    parts = key.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return out
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain data (lists, not tuples) for YAML/JSON."""
+
+    def plain(x: Any) -> Any:
+        if isinstance(x, dict):
+            return {k: plain(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [plain(v) for v in x]
+        return x
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the YAML file at `path`, then each `key=value` override; then validate."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        with open(path) as fh:
+            try:
+                loaded = yaml.safe_load(fh)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        data = loaded or {}
+    for text in overrides or []:
+        data = _merge(data, parse_override(text))
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {msg}")
+
+
+def _validate_optim(o: OptimConfig, key: str) -> None:
+    _check(o.lr > 0, f"{key}.lr", f"must be > 0, got {o.lr}")
+    _check(0 <= o.momentum < 1, f"{key}.momentum", f"must be in [0, 1), got {o.momentum}")
+    _check(o.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _check(all(0 <= b < 1 for b in o.betas), f"{key}.betas", f"each in [0, 1), got {o.betas}")
+
+
+def validate(cfg: Config) -> None:
+    """Range and cross-field checks; types and allowed values were checked while loading."""
+    _check(cfg.seed >= 0, "seed", f"must be >= 0, got {cfg.seed}")
+    for key in ("optim", "grape.b_optim", "calibration.optim"):
+        obj: Any = cfg
+        for part in key.split("."):
+            obj = getattr(obj, part)
+        _validate_optim(obj, key)
+    m = cfg.model
+    _check(len(m.hidden) >= 1 or m.name == "lenet", "model.hidden", "needs at least one width")
+    _check(all(w > 0 for w in m.hidden), "model.hidden", f"widths must be > 0, got {m.hidden}")
+    if m.name == "lenet":
+        _check(len(m.channels) == 2, "model.channels", f"lenet takes 2 conv widths, got {m.channels}")
+        _check(all(c > 0 for c in m.channels), "model.channels", "widths must be > 0")
+    d = cfg.data
+    _check(d.batch_size > 0, "data.batch_size", f"must be > 0, got {d.batch_size}")
+    _check(d.eval_batch_size > 0, "data.eval_batch_size", f"must be > 0, got {d.eval_batch_size}")
+    _check(d.train_subset >= 0, "data.train_subset", "must be >= 0 (0 = all)")
+    _check(d.test_subset >= 0, "data.test_subset", "must be >= 0 (0 = all)")
+    g = cfg.grape
+    _check(g.tangent_samples >= 0, "grape.tangent_samples", "must be >= 0 (0 = every sample)")
+    _check(g.eps > 0, "grape.eps", f"must be > 0, got {g.eps}")
+    _check(cfg.pepita.f_scale > 0, "pepita.f_scale", "must be > 0")
+    c = cfg.calibration
+    _check(c.every_epochs >= 0, "calibration.every_epochs", f"must be >= 0 (0 = off), got T={c.every_epochs}")
+    _check(c.batch_size > 0, "calibration.batch_size", f"must be > 0, got {c.batch_size}")
+    if c.every_epochs > 0:
+        _check(
+            cfg.rule in CALIBRATED_RULES,
+            "calibration.every_epochs",
+            f"BP calibration applies to rules {', '.join(CALIBRATED_RULES)}, not '{cfg.rule}'; "
+            "set it to 0",
+        )
+    if cfg.rule == "pepita":
+        _check(m.name == "mlp", "rule", "pepita is defined for MLPs only (Table 1 has no PEPITA CNN)")
+    p = cfg.pipeline
+    _check(p.micro_batches >= 1, "pipeline.micro_batches", f"must be >= 1, got {p.micro_batches}")
+    _check(
+        p.micro_batches <= d.batch_size,
+        "pipeline.micro_batches",
+        f"{p.micro_batches} micro-batches do not fit data.batch_size={d.batch_size}",
+    )
+    t = cfg.train
+    _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
+    _check(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
+    _check(t.probe_batch_size > 0, "train.probe_batch_size", "must be > 0")
+    _check(t.threads >= 0, "train.threads", "must be >= 0 (0 = torch default)")

@@ -1,0 +1,1 @@
+"""Metrics: alignment against a real backward pass, run logs, progress output."""

@@ -1,0 +1,53 @@
+"""Run outputs: resolved config, one JSON line per evaluation, and a summary, written so that a
+crash never leaves a half-written file behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunWriter:
+    """Writes `config.yaml`, `metrics.jsonl` and `summary.json` under `out_dir` (None: no-op)."""
+
+    def __init__(self, out_dir: str | Path | None) -> None:
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # A fresh run starts a fresh metrics file.
+            (self.out_dir / "metrics.jsonl").write_text("")
+
+    def config(self, data: dict) -> None:
+        if self.out_dir is not None:
+            atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+
+    def metrics(self, row: dict[str, Any]) -> None:
+        if self.out_dir is not None:
+            with open(self.out_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+                fh.flush()
+
+    def summary(self, data: dict[str, Any]) -> None:
+        if self.out_dir is not None:
+            atomic_write_text(self.out_dir / "summary.json", json.dumps(data, indent=2) + "\n")

@@ -1,0 +1,125 @@
+"""The interface every learning rule implements for one pipeline stage.
+
+A stage holds a contiguous range of a model's blocks. For each micro-batch the runtime calls
+`forward` on every stage in order, computes the `OutputSignal` at the end of the pipeline
+(`output_signal`), hands it to every stage (`backward`, in reverse stage order, with the
+gradient from the next stage for the rules that need one), and after the last micro-batch calls
+`finish_step` on every stage. One process is the pipeline with one stage: the math below runs
+unchanged on 1 or P ranks. Nothing here knows about torch.distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..models import Block
+
+
+@dataclass
+class MicroBatch:
+    """Where a micro-batch sits in its mini-batch; keys the random draws of a step."""
+
+    step: int
+    index: int
+    start: int  # first row within the mini-batch
+    size: int
+    total: int  # rows in the whole mini-batch (the loss is a mean over them)
+
+
+@dataclass
+class OutputSignal:
+    """What the last stage broadcasts to every stage after a micro-batch's forward."""
+
+    error: torch.Tensor  # dL/dlogits of the mini-batch mean loss: (softmax - onehot) / total
+    target: torch.Tensor  # one-hot targets (DRTP projects these)
+    tangents: torch.Tensor | None  # (K, m, d_out) JVPs at the output (GrAPE)
+    total: int
+
+
+def output_signal(
+    logits: torch.Tensor, labels: torch.Tensor, total: int, tangents: torch.Tensor | None
+) -> tuple[float, int, OutputSignal]:
+    """Cross-entropy at the logits: (summed loss, #correct, the signal to broadcast)."""
+    logits = logits.detach()
+    logp = F.log_softmax(logits, dim=1)
+    loss_sum = float(-logp.gather(1, labels[:, None]).sum())
+    correct = int((logits.argmax(1) == labels).sum())
+    onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
+    error = (logp.exp() - onehot) / total
+    return loss_sum, correct, OutputSignal(error, onehot, tangents, total)
+
+
+class StageRule:
+    """A learning rule's state and update math for one stage's blocks.
+
+    `blocks[i]` is global block `first + i` of a model with `num_blocks` blocks; the last
+    global block is the output (logits) block.
+    """
+
+    name = "base"
+    # True for rules whose stages need the gradient of the next stage (BP, FA): the runtime then
+    # runs the backward stage by stage in reverse; False for the direct rules, whose stages
+    # update concurrently from the broadcast signal alone.
+    sequential_backward = False
+    needs_tangents = False
+    # PEPITA: a second, modulated forward pass after the error is known.
+    second_pass = False
+
+    def __init__(self, blocks: list[Block], first: int, num_blocks: int) -> None:
+        self.blocks = blocks
+        self.first = first
+        self.num_blocks = num_blocks
+
+    @property
+    def indices(self) -> range:
+        return range(self.first, self.first + len(self.blocks))
+
+    def is_output(self, index: int) -> bool:
+        return index == self.num_blocks - 1
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [p for b in self.blocks for p in b.parameters()]
+
+    def forward(self, mb: MicroBatch, x: torch.Tensor, tangents: torch.Tensor | None):
+        """Run this stage's blocks on a micro-batch; returns (output, tangents)."""
+        raise NotImplementedError
+
+    def backward(
+        self, mb: MicroBatch, signal: OutputSignal, grad_output: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """Take the broadcast signal of `mb`; returns the gradient for the previous stage, if
+        `sequential_backward`."""
+        raise NotImplementedError
+
+    def modulated_forward(
+        self, mb: MicroBatch, signal: OutputSignal, x_err: torch.Tensor | None
+    ) -> torch.Tensor:
+        raise NotImplementedError(f"{self.name} has no second forward pass")
+
+    def finish_step(self) -> dict[str, float]:
+        """Apply the mini-batch's update; returns per-step statistics (e.g. alignment)."""
+        raise NotImplementedError
+
+    def reset_step(self) -> None:
+        """Drop everything stashed for the current mini-batch without updating (used to abandon
+        a step, and by tests that sample the estimators at fixed weights)."""
+        self._stash = {}
+
+    @torch.no_grad()
+    def infer(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    # Feedback matrices by global block index (direct rules); empty for the others.
+    def feedback_matrices(self) -> dict[int, torch.Tensor]:
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

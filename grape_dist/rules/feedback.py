@@ -1,0 +1,66 @@
+"""Feedback matrices B_l (d_out x n_l) and GrAPE's alignment step on them (eq. 6, App. C).
+
+Conventions: the output error of a mini-batch is `e` (batch x d_out); block l receives
+`delta_h_l = e @ B_l` (i.e. B_l^T e per sample), reshaped to the block's output shape.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def init_feedback(
+    d_out: int, n: int, generator: torch.Generator, kind: str = "gaussian", normalize: bool = True
+) -> torch.Tensor:
+    """A random feedback matrix; unit-norm columns when `normalize` (GrAPE keeps them so)."""
+    if kind == "gaussian":
+        b = torch.randn(d_out, n, generator=generator)
+    elif kind == "uniform":
+        b = torch.rand(d_out, n, generator=generator) * 2 - 1
+    else:
+        raise ValueError(f"unknown feedback init {kind!r}; allowed: gaussian, uniform")
+    if normalize:
+        b = normalize_columns(b)
+    else:
+        b = b / d_out**0.5
+    return b
+
+
+def normalize_columns(b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """B[:, k] <- B[:, k] / (||B[:, k]|| + eps)  (paper section 3.3)."""
+    return b / (b.norm(dim=0, keepdim=True) + eps)
+
+
+def column_cosines(b: torch.Tensor, j: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """cos(B[:, k], J[:, k]) for every column k."""
+    num = (b * j).sum(0)
+    return num / (b.norm(dim=0) * j.norm(dim=0) + eps)
+
+
+def alignment_loss_grad(b: torch.Tensor, j: torch.Tensor, eps: float = 1e-8):
+    """L_align = 1 - mean_k cos(b_k, j_k) and its gradient in closed form (eq. 17).
+
+    d/db_k [1 - cos(b_k, j_k)] / n = -(1/n) [ j_k / (|b_k||j_k|) - (b_k.j_k) b_k / (|b_k|^3 |j_k|) ]
+    Columns of J that are zero (no tangent reached them) get no gradient.
+    """
+    n = b.shape[1]
+    bn = b.norm(dim=0).clamp_min(eps)
+    jn = j.norm(dim=0)
+    live = jn > eps
+    jn = jn.clamp_min(eps)
+    dot = (b * j).sum(0)
+    cos = dot / (bn * jn)
+    grad = -(j / (bn * jn) - dot * b / (bn**3 * jn)) / n
+    grad = grad * live
+    loss = 1 - (cos * live).sum() / n
+    return loss, grad
+
+
+def frobenius_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> float:
+    """cos_F(A, B) = <A, B>_F / (||A||_F ||B||_F)  (eq. 3)."""
+    return float((a * b).sum() / (a.norm() * b.norm() + eps))
+
+
+def jacobian_estimate(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """J_hat = sum over samples of g_s p_s^T: (m x d_out), (m x n) -> d_out x n."""
+    return g.reshape(g.shape[0], -1).T @ p.reshape(p.shape[0], -1)

@@ -1,0 +1,109 @@
+"""Forward-mode tangents carried alongside the activations (GrAPE's JVPs).
+
+A tangent bundle is a tensor of shape (K, m, *feat): K tangent streams (one per perturbed block
+with per-block routing, one with shared routing) on the first m samples of the micro-batch.
+Pushing it through a layer gives the Jacobian-vector products J_layer(x) t for every stream.
+
+Two implementations of the same math:
+- a fast path for the layers the models use (Linear, Conv2d, ReLU, Tanh, max/avg pools,
+  Flatten): the tangent is the layer's linear part applied to the tangent rows (bias dropped,
+  activation derivative and pool indices taken from the primal), all K streams in one call;
+- a generic path through `torch.autograd.forward_ad` for any other module (it works where
+  `torch.func.jvp` does not, e.g. BatchNorm in train mode; DESIGN section 4).
+Tests check the fast path against `torch.func.jvp`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import nn
+
+_FAST_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten,
+                nn.Identity)
+
+
+def _fold(t: torch.Tensor) -> torch.Tensor:
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
+
+
+def _unfold(t: torch.Tensor, k: int) -> torch.Tensor:
+    return t.reshape(k, t.shape[0] // k, *t.shape[1:])
+
+
+def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
+    """Apply `layer` to the primal `x` (recorded by autograd as usual) and push tangents `t`.
+
+    Returns (y, t_out); `t_out` is None when `t` is None. Tangent arithmetic never enters the
+    autograd graph: it uses detached weights and primal-derived masks.
+    """
+    if t is None:
+        return layer(x), None
+    k, m = t.shape[0], t.shape[1]
+    if isinstance(layer, nn.Linear):
+        return layer(x), F.linear(t, layer.weight.detach())
+    if isinstance(layer, nn.Conv2d):
+        w = layer.weight.detach()
+        tt = F.conv2d(_fold(t), w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
+        return layer(x), _unfold(tt, k)
+    if isinstance(layer, nn.ReLU):
+        y = layer(x)
+        return y, t * (x[:m].detach() > 0)
+    if isinstance(layer, nn.Tanh):
+        y = layer(x)
+        yd = y[:m].detach()
+        return y, t * (1 - yd * yd)
+    if isinstance(layer, nn.MaxPool2d) and not layer.return_indices and layer.dilation == 1:
+        y, idx = F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding,
+                              layer.dilation, layer.ceil_mode, return_indices=True)
+        # The max pool's derivative selects the arg-max input of each window: gather the tangent
+        # at the primal's indices (flattened per channel).
+        idx = idx[:m].unsqueeze(0).expand(k, *idx[:m].shape)
+        tt = t.flatten(3).gather(3, idx.flatten(3)).reshape(idx.shape)
+        return y, tt
+    if isinstance(layer, nn.AvgPool2d):
+        return layer(x), _unfold(layer(_fold(t)), k)
+    if isinstance(layer, nn.Flatten):
+        # Flatten's dims refer to the primal; the bundle has one extra leading dim.
+        return layer(x), t.flatten(layer.start_dim + 1, layer.end_dim if layer.end_dim < 0
+                                   else layer.end_dim + 1)
+    if isinstance(layer, nn.Identity):
+        return x, t
+    return generic_layer_forward(layer, x, t)
+
+
+def generic_layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor):
+    """Reference path: forward-mode AD through any module, one stream at a time."""
+    y = layer(x)
+    m = t.shape[1]
+    outs = []
+    with torch.no_grad(), fwAD.dual_level():
+        for stream in t:
+            dual = fwAD.make_dual(x[:m].detach(), stream)
+            outs.append(fwAD.unpack_dual(layer(dual)).tangent)
+    return y, torch.stack(outs)
+
+
+def block_forward(block: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
+    """Forward through a block's layers, carrying the tangent bundle."""
+    if t is None:
+        return block(x), None
+    if isinstance(block, nn.Sequential):
+        for layer in block:
+            x, t = layer_forward(layer, x, t)
+        return x, t
+    return generic_layer_forward(block, x, t)
+
+
+def push_tangents(blocks, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The JVPs of `blocks` (applied in order) at input `h` along the streams of `t`."""
+    with torch.no_grad():
+        for block in blocks:
+            h, t = block_forward(block, h, t)
+    return t
+
+
+def is_fast(block: nn.Module) -> bool:
+    """Whether every layer of `block` has a hand-written tangent rule."""
+    return isinstance(block, nn.Sequential) and all(isinstance(m, _FAST_LAYERS) for m in block)
