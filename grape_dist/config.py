@@ -29,13 +29,20 @@ class ConfigError(ValueError):
 
 @dataclass
 class OptimConfig:
-    """A torch optimiser. `momentum` is SGD's; `betas` are Adam's."""
+    """A torch optimiser. `momentum` is SGD's; `betas` are Adam's.
+
+    `schedule` sets the learning rate per epoch: constant; cosine (from lr to 0 over the run);
+    step (multiply by `gamma` at each epoch in `milestones`, as the paper's App. E).
+    """
 
     name: Literal["sgd", "adam", "adamw"] = "adam"
     lr: float = 1e-4
     momentum: float = 0.9
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
 
 
 @dataclass
@@ -197,6 +204,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML reads 1e-3 (no dot) as a string (YAML 1.1); accept plain float literals.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
@@ -220,6 +233,11 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             raise ConfigError(
                 f"unknown key '{key}'{hint}; allowed keys {where}: {', '.join(names)}"
             )
+        f = next(f for f in dataclasses.fields(cls) if f.name == k)
+        if isinstance(v, dict) and f.default_factory is not dataclasses.MISSING:
+            # A partial section overrides the field's own default (e.g. calibration.optim is
+            # SGD by default), not the defaults of the section's class.
+            v = _merge(dataclasses.asdict(f.default_factory()), v)
         kwargs[k] = _convert(v, hints[k], key)
     return cls(**kwargs)
 
@@ -300,6 +318,8 @@ def _validate_optim(o: OptimConfig, key: str) -> None:
     _check(0 <= o.momentum < 1, f"{key}.momentum", f"must be in [0, 1), got {o.momentum}")
     _check(o.weight_decay >= 0, f"{key}.weight_decay", f"must be >= 0, got {o.weight_decay}")
     _check(all(0 <= b < 1 for b in o.betas), f"{key}.betas", f"each in [0, 1), got {o.betas}")
+    _check(0 < o.gamma <= 1, f"{key}.gamma", f"must be in (0, 1], got {o.gamma}")
+    _check(all(m > 0 for m in o.milestones), f"{key}.milestones", "epochs must be > 0")
 
 
 def validate(cfg: Config) -> None:
@@ -314,7 +334,8 @@ def validate(cfg: Config) -> None:
     _check(len(m.hidden) >= 1 or m.name == "lenet", "model.hidden", "needs at least one width")
     _check(all(w > 0 for w in m.hidden), "model.hidden", f"widths must be > 0, got {m.hidden}")
     if m.name == "lenet":
-        _check(len(m.channels) == 2, "model.channels", f"lenet takes 2 conv widths, got {m.channels}")
+        _check(len(m.channels) == 2, "model.channels",
+               f"lenet takes 2 conv widths, got {m.channels}")
         _check(all(c > 0 for c in m.channels), "model.channels", "widths must be > 0")
     d = cfg.data
     _check(d.batch_size > 0, "data.batch_size", f"must be > 0, got {d.batch_size}")
@@ -326,7 +347,8 @@ def validate(cfg: Config) -> None:
     _check(g.eps > 0, "grape.eps", f"must be > 0, got {g.eps}")
     _check(cfg.pepita.f_scale > 0, "pepita.f_scale", "must be > 0")
     c = cfg.calibration
-    _check(c.every_epochs >= 0, "calibration.every_epochs", f"must be >= 0 (0 = off), got T={c.every_epochs}")
+    _check(c.every_epochs >= 0, "calibration.every_epochs",
+           f"must be >= 0 (0 = off), got T={c.every_epochs}")
     _check(c.batch_size > 0, "calibration.batch_size", f"must be > 0, got {c.batch_size}")
     if c.every_epochs > 0:
         _check(
@@ -336,7 +358,8 @@ def validate(cfg: Config) -> None:
             "set it to 0",
         )
     if cfg.rule == "pepita":
-        _check(m.name == "mlp", "rule", "pepita is defined for MLPs only (Table 1 has no PEPITA CNN)")
+        _check(m.name == "mlp", "rule",
+               "pepita is defined for MLPs only (Table 1 has no PEPITA CNN)")
     p = cfg.pipeline
     _check(p.micro_batches >= 1, "pipeline.micro_batches", f"must be >= 1, got {p.micro_batches}")
     _check(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 
 import torch
@@ -20,3 +21,17 @@ def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig) -> torch.o
         return torch.optim.AdamW(params, lr=cfg.lr, betas=cfg.betas,
                                  weight_decay=cfg.weight_decay)
     raise ValueError(f"unknown optimizer {cfg.name!r}; allowed: sgd, adam, adamw")
+
+
+def scheduled_lr(cfg: OptimConfig, epoch: int, epochs: int) -> float:
+    """Learning rate for 1-based `epoch` of `epochs` under `cfg.schedule`."""
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1 + math.cos(math.pi * (epoch - 1) / epochs))
+    if cfg.schedule == "step":
+        return cfg.lr * cfg.gamma ** sum(epoch > m for m in cfg.milestones)
+    return cfg.lr
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -13,7 +13,6 @@ from torch.func import functional_call, grad
 from grape_dist.rules.feedback import normalize_columns
 
 
-
 @pytest.fixture(autouse=True)
 def _float64():
     old = torch.get_default_dtype()
@@ -54,7 +53,7 @@ def test_bp_equals_autograd():
         params = {k: v.detach() for k, v in model.named_parameters()}
         ref = copy.deepcopy(model)
 
-        def loss_fn(p):
+        def loss_fn(p, ref=ref, x=x, y=y):
             return F.cross_entropy(functional_call(ref, p, (x,)), y)
 
         g = grad(loss_fn)(params)

@@ -47,7 +47,8 @@ class BlockModel(nn.Module):
                 h = block(h)
                 block.out_shape = tuple(h.shape[1:])
         if blocks[-1].out_shape != (num_classes,):
-            raise ValueError(f"last block must output {num_classes} logits, got {blocks[-1].out_shape}")
+            raise ValueError(
+                f"last block must output {num_classes} logits, got {blocks[-1].out_shape}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for block in self.blocks:

@@ -68,6 +68,8 @@ class StageRule:
     # PEPITA: a second, modulated forward pass after the error is known.
     second_pass = False
 
+    optimizer: torch.optim.Optimizer  # the weights' optimiser (the trainer schedules its lr)
+
     def __init__(self, blocks: list[Block], first: int, num_blocks: int) -> None:
         self.blocks = blocks
         self.first = first

@@ -1,0 +1,543 @@
+"""Load image-classification datasets as whole uint8 tensors.
+
+Where the data comes from, in order:
+
+1. ``root`` (the argument, i.e. ``data.root``), else ``$GRAPE_DATA_DIR``: a folder laid out like
+   the hub's parquet export, ``<root>/<subdir>/{train,test}-*.parquet``;
+2. the copy embedded in this package (MNIST only);
+3. the Hugging Face hub, by dataset id, only if it looks reachable.
+
+Every path goes through ``datasets.load_dataset``. Decoding tens of thousands of PNG/JPEG images
+takes seconds, so the decoded tensors are cached as a ``.pt`` file keyed by the source files'
+(path, size, mtime) or by the hub id.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import logging
+import os
+import socket
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+import torch
+
+from grape_dist.data.sources import DatasetSource, get_source
+
+logger = logging.getLogger(__name__)
+
+DATA_DIR_ENV = "GRAPE_DATA_DIR"
+CACHE_DIR_ENV = "GRAPE_CACHE_DIR"
+DEFAULT_CACHE_DIR = "~/.cache/grape_dist"
+EMBEDDED_ROOT = Path(__file__).resolve().parent / "embedded"
+EMBEDDED_DATASETS = frozenset({"mnist"})
+
+# Bump whenever decoding or the cached layout changes, so old cache files stop matching.
+_CACHE_FORMAT = 1
+_HUB_PROBE_TIMEOUT_S = 2.0
+_TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
+_GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
+_COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+
+_warned_cache_dirs: set[str] = set()
+
+
+class DatasetUnavailableError(RuntimeError):
+    """No local copy of the dataset was found and the hub cannot be used."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One split held entirely in memory."""
+
+    images: torch.Tensor  # uint8, N x C x H x W
+    labels: torch.Tensor  # int64, N
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """A dataset's train and test splits plus what models and normalisation need to know."""
+
+    name: str
+    num_classes: int
+    input_shape: tuple[int, int, int]  # (C, H, W)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    train: Split
+    test: Split
+    source: str  # human-readable: where it was loaded from
+
+
+def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 images (N x C x H x W or C x H x W) -> float32 standardised per channel.
+
+    ``mean`` and ``std`` are on the [0, 1] scale; the result stays on ``images``' device.
+    """
+    if images.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 images, got {images.dtype}")
+    if len(mean) != len(std):
+        raise ValueError(f"mean has {len(mean)} channels but std has {len(std)}")
+    channels = images.shape[-3]
+    if len(mean) not in (1, channels):
+        raise ValueError(f"{len(mean)} mean/std values for images with {channels} channels")
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    # Fold the 1/255 into the affine map so there is one pass after the dtype conversion.
+    return images.to(torch.float32).mul_(1.0 / 255.0).sub_(m).div_(s)
+
+
+def load_image_dataset(
+    name: str, root: str | None = None, cache_dir: str | None = None
+) -> ImageDataset:
+    """Load ``name`` (see ``dataset_names()``) with both splits as uint8 tensors.
+
+    ``root``: a data folder in the hub's parquet layout (defaults to ``$GRAPE_DATA_DIR``).
+    ``cache_dir``: where decoded tensors are cached (defaults to ``$GRAPE_CACHE_DIR``, then
+    ``~/.cache/grape_dist``). Raises :class:`DatasetUnavailableError` when no local copy exists
+    and the hub cannot be reached.
+    """
+    src = get_source(name)
+    cache_root = _resolve_cache_dir(cache_dir)
+    data_root, root_origin = _resolve_root(root)
+
+    looked: list[str] = []
+    folders: list[tuple[Path, str]] = []
+    if data_root is not None:
+        folders.append((data_root / src.subdir, root_origin))
+    if src.name in EMBEDDED_DATASETS:
+        folders.append((EMBEDDED_ROOT / src.subdir, "embedded copy"))
+
+    for folder, origin in folders:
+        files = _find_split_files(folder)
+        looked.append(f"{folder} ({origin})")
+        if files is not None:
+            return _load_local(src, folder, origin, files, cache_root)
+    return _load_hub(src, looked, cache_root)
+
+
+# --------------------------------------------------------------------------------------------
+# Where the data and the cache live
+
+
+def _resolve_root(root: str | os.PathLike[str] | None) -> tuple[Path | None, str]:
+    if root is not None and str(root) != "":
+        return Path(root).expanduser(), "root argument"
+    env = os.environ.get(DATA_DIR_ENV, "")
+    if env:
+        return Path(env).expanduser(), DATA_DIR_ENV
+    return None, ""
+
+
+def _resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
+    if cache_dir is not None and str(cache_dir) != "":
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser()
+
+
+def _find_split_files(folder: Path) -> dict[str, list[Path]] | None:
+    """The parquet shards of each split, or None when the folder holds no training shards."""
+    if not folder.is_dir():
+        return None
+    files = {split: sorted(folder.glob(f"{split}-*.parquet")) for split in ("train", "test")}
+    if not files["train"]:
+        return None
+    if not files["test"]:
+        # A half-present copy is more likely a mistake than a reason to go to the hub.
+        raise DatasetUnavailableError(
+            f"{folder} has train-*.parquet files but no test-*.parquet files"
+        )
+    return files
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def _load_local(
+    src: DatasetSource,
+    folder: Path,
+    origin: str,
+    files: dict[str, list[Path]],
+    cache_root: Path,
+) -> ImageDataset:
+    described = f"parquet files in {folder} ({origin})"
+    stats = [
+        [split, str(p.resolve()), st.st_size, st.st_mtime_ns]
+        for split, paths in files.items()
+        for p in paths
+        for st in [p.stat()]
+    ]
+    cache_path = _cache_path(cache_root, src, {"files": stats})
+
+    def fetch() -> Any:
+        datasets = _import_datasets()
+        data_files = {split: [str(p) for p in paths] for split, paths in files.items()}
+        with _offline(datasets):
+            return datasets.load_dataset("parquet", data_files=data_files)
+
+    return _load_cached_or_decode(src, cache_path, described, fetch)
+
+
+def _load_hub(src: DatasetSource, looked: list[str], cache_root: Path) -> ImageDataset:
+    described = f"hub dataset {src.hub_id}"
+    cache_path = _cache_path(cache_root, src, {"hub_id": src.hub_id})
+
+    def fetch() -> Any:
+        datasets = _import_datasets()
+        reason = _hub_unreachable_reason(datasets)
+        if reason is not None:
+            raise DatasetUnavailableError(_unavailable_message(src, looked, reason))
+        try:
+            return datasets.load_dataset(src.hub_id)
+        except Exception as exc:  # network, auth and missing-repo errors all end up here
+            raise DatasetUnavailableError(
+                _unavailable_message(src, looked, f"loading {src.hub_id} failed: {exc}")
+            ) from exc
+
+    return _load_cached_or_decode(src, cache_path, described, fetch)
+
+
+def _load_cached_or_decode(
+    src: DatasetSource, cache_path: Path, described: str, fetch: Callable[[], Any]
+) -> ImageDataset:
+    # The lock makes concurrent ranks on one machine decode once and read the cache after.
+    with _cache_lock(cache_path):
+        cached = _read_cache(cache_path, src)
+        if cached is not None:
+            train, test = cached
+            return _make_dataset(src, train, test, f"{described}, decoded cache {cache_path}")
+
+        dsd = fetch()
+        start = time.perf_counter()
+        train = _decode_split(dsd["train"], src, "train")
+        test = _decode_split(dsd["test"], src, "test")
+        logger.info(
+            "decoded %s (%d + %d images) in %.1f s",
+            src.name,
+            len(train),
+            len(test),
+            time.perf_counter() - start,
+        )
+        _write_cache(cache_path, train, test)
+        return _make_dataset(src, train, test, described)
+
+
+def _make_dataset(src: DatasetSource, train: Split, test: Split, source: str) -> ImageDataset:
+    return ImageDataset(
+        name=src.name,
+        num_classes=src.num_classes,
+        input_shape=src.input_shape,
+        mean=src.mean,
+        std=src.std,
+        train=train,
+        test=test,
+        source=source,
+    )
+
+
+def _import_datasets() -> Any:
+    # Imported lazily: it costs ~0.5 s, and it must be imported *before* any offline variables
+    # are set, since datasets and huggingface_hub freeze them at import time.
+    import datasets
+
+    return datasets
+
+
+@contextlib.contextmanager
+def _offline(datasets: Any) -> Iterator[None]:
+    """Keep datasets off the network while it reads local files (it pings the hub otherwise).
+
+    The environment variables only matter to code that reads them later, so datasets' own
+    already-frozen flag is switched too; all of it is restored afterwards so a later hub load
+    in the same process still works.
+    """
+    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    saved_flag = getattr(datasets.config, "HF_HUB_OFFLINE", None)
+    for k in saved_env:
+        os.environ.setdefault(k, "1")
+    if saved_flag is not None:
+        datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if saved_flag is not None:
+            datasets.config.HF_HUB_OFFLINE = saved_flag
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _hub_unreachable_reason(datasets: Any) -> str | None:
+    """Why the hub cannot be used right now, or None if it looks reachable.
+
+    Checked up front because datasets otherwise retries for ~20 s before giving up.
+    """
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        value = os.environ.get(var, "")
+        if value.strip().lower() in _TRUE_VALUES:
+            return f"offline mode is on ({var}={value})"
+    if getattr(datasets.config, "HF_HUB_OFFLINE", False):
+        return "offline mode is on (HF_HUB_OFFLINE was set when datasets was imported)"
+
+    from huggingface_hub import constants
+
+    url = urlsplit(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    # Behind a proxy only the proxy has to be reachable.
+    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
+    if proxy:
+        purl = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = purl.hostname, purl.port or 80
+    if not host:
+        return f"cannot parse the hub endpoint {constants.ENDPOINT!r}"
+    error = _tcp_probe(host, port, _HUB_PROBE_TIMEOUT_S)
+    if error is not None:
+        return f"cannot connect to {host}:{port} ({error})"
+    return None
+
+
+def _tcp_probe(host: str, port: int, timeout: float) -> str | None:
+    """Try one TCP connection; returns an error text, or None on success.
+
+    Run in a daemon thread because name resolution ignores socket timeouts and can hang.
+    """
+    result: list[str | None] = []
+
+    def attempt() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(None)
+        except OSError as exc:
+            result.append(str(exc) or type(exc).__name__)
+
+    thread = threading.Thread(target=attempt, daemon=True, name="grape-hub-probe")
+    thread.start()
+    thread.join(timeout + 0.5)
+    return result[0] if result else f"no answer within {timeout:.0f} s"
+
+
+def _unavailable_message(src: DatasetSource, looked: list[str], reason: str) -> str:
+    where = "; ".join(looked) if looked else f"nowhere (no root given and {DATA_DIR_ENV} unset)"
+    return (
+        f"dataset {src.name!r} is not available: no local copy was found (looked in: {where}) "
+        f"and the Hugging Face hub cannot be used for {src.hub_id}: {reason}. "
+        f"To provide the data, set {DATA_DIR_ENV} (or `data.root` in the config) to a folder "
+        f"containing {src.subdir}/train-*.parquet and {src.subdir}/test-*.parquet "
+        f"(the layout of the hub's parquet export of {src.hub_id}), or go online."
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding
+
+
+def _decode_split(ds: Any, src: DatasetSource, split: str) -> Split:
+    """Decode one ``datasets.Dataset`` split into uint8 N x C x H x W plus int64 labels."""
+    for column in (src.image_column, src.label_column):
+        if column not in ds.column_names:
+            raise ValueError(
+                f"{src.name} {split}: no column {column!r} (columns: {ds.column_names})"
+            )
+    # Read the stored bytes rather than letting the Image feature decode: measured ~25% faster
+    # (no per-row PIL object round trip through datasets' formatting), same pixels.
+    table = ds.select_columns([src.image_column, src.label_column]).with_format("arrow")[:]
+    images = _decode_images(table.column(src.image_column), src, split)
+    labels = _labels(table.column(src.label_column), src, split)
+    return Split(images=images, labels=labels)
+
+
+def _iter_blobs(column: Any) -> Iterator[tuple[bytes | None, str | None]]:
+    """(bytes, path) per row of an Image-feature column or a plain binary column."""
+    import pyarrow as pa
+
+    for chunk in column.chunks:
+        if pa.types.is_struct(chunk.type):
+            names = {chunk.type.field(i).name for i in range(chunk.type.num_fields)}
+            blobs = chunk.field("bytes").to_pylist() if "bytes" in names else [None] * len(chunk)
+            paths = chunk.field("path").to_pylist() if "path" in names else [None] * len(chunk)
+            yield from zip(blobs, paths, strict=True)
+        elif pa.types.is_binary(chunk.type) or pa.types.is_large_binary(chunk.type):
+            for blob in chunk.to_pylist():
+                yield blob, None
+        else:
+            raise ValueError(f"image column has unsupported type {chunk.type}")
+
+
+def _decode_images(column: Any, src: DatasetSource, split: str) -> torch.Tensor:
+    from PIL import Image, UnidentifiedImageError
+
+    channels, height, width = src.input_shape
+    target_mode = "L" if channels == 1 else "RGB"
+    n = len(column)
+    out = torch.empty((n, height, width, channels), dtype=torch.uint8)
+    rows = out.numpy().reshape(n, -1)  # shares memory with `out`
+    hint: list[str] | None = None  # the first image's format: skips format sniffing later
+
+    for i, (blob, path) in enumerate(_iter_blobs(column)):
+        if blob is None and path is None:
+            raise ValueError(f"{src.name} {split}: row {i} has neither image bytes nor a path")
+        fp: Any = io.BytesIO(blob) if blob is not None else path
+        try:
+            im = Image.open(fp, formats=hint)
+        except UnidentifiedImageError:
+            if hint is None:
+                raise
+            if isinstance(fp, io.BytesIO):
+                fp.seek(0)
+            im = Image.open(fp)
+        with im:
+            if i == 0:
+                hint = [im.format] if im.format else None
+                _check_layout(im.mode, im.size, src, split)
+            if im.size != (width, height):
+                raise ValueError(
+                    f"{src.name} {split}: image {i} is {im.size[0]}x{im.size[1]}, "
+                    f"expected {width}x{height} (registry input_shape {src.input_shape})"
+                )
+            # A stray grayscale image in a colour set (or a palette image) is converted.
+            pixels = (im if im.mode == target_mode else im.convert(target_mode)).tobytes()
+        rows[i] = np.frombuffer(pixels, dtype=np.uint8)
+    return out.permute(0, 3, 1, 2).contiguous()
+
+
+def _check_layout(mode: str, size: tuple[int, int], src: DatasetSource, split: str) -> None:
+    """Check a split's first image against the registry's (C, H, W)."""
+    channels = 1 if mode in _GRAY_MODES else 3 if mode in _COLOUR_MODES else None
+    expected = src.input_shape
+    found_c = channels if channels is not None else expected[0]  # palette images: either
+    if (found_c, size[1], size[0]) != expected:
+        raise ValueError(
+            f"{src.name} {split}: images are {mode} {size[0]}x{size[1]}, i.e. "
+            f"(C, H, W) = ({found_c}, {size[1]}, {size[0]}), but the registry says "
+            f"{expected}; wrong files for this dataset name?"
+        )
+
+
+def _labels(column: Any, src: DatasetSource, split: str) -> torch.Tensor:
+    if column.null_count:
+        raise ValueError(f"{src.name} {split}: {column.null_count} missing labels")
+    labels = torch.from_numpy(np.asarray(column.to_numpy(), dtype=np.int64).copy())
+    if labels.numel() and (labels.min() < 0 or labels.max() >= src.num_classes):
+        raise ValueError(
+            f"{src.name} {split}: labels span [{int(labels.min())}, {int(labels.max())}], "
+            f"outside [0, {src.num_classes})"
+        )
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# Cache of decoded tensors
+
+
+def _cache_path(cache_root: Path, src: DatasetSource, origin: dict[str, Any]) -> Path:
+    key = {
+        "format": _CACHE_FORMAT,
+        "name": src.name,
+        "columns": [src.image_column, src.label_column],
+        "shape": list(src.input_shape),
+        **origin,
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return cache_root / f"{src.name}-{digest}.pt"
+
+
+def _warn_cache_once(cache_dir: Path, what: str, exc: BaseException) -> None:
+    if str(cache_dir) in _warned_cache_dirs:
+        return
+    _warned_cache_dirs.add(str(cache_dir))
+    warnings.warn(
+        f"grape_dist: not caching decoded datasets in {cache_dir} ({what}: {exc}); "
+        f"set {CACHE_DIR_ENV} to a writable folder to avoid decoding on every run",
+        RuntimeWarning,
+        stacklevel=6,  # the caller of load_image_dataset
+    )
+
+
+@contextlib.contextmanager
+def _cache_lock(cache_path: Path) -> Iterator[None]:
+    from filelock import FileLock, Timeout
+
+    try:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(cache_path) + ".lock", timeout=600)
+        lock.acquire()
+    except (OSError, Timeout) as exc:
+        # No usable lock (read-only dir, or a stuck holder): load without one.
+        logger.debug("no lock for %s: %s", cache_path, exc)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _read_cache(path: Path, src: DatasetSource) -> tuple[Split, Split] | None:
+    if not path.is_file():
+        return None
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        if payload.get("format") != _CACHE_FORMAT:
+            raise ValueError(f"cache format {payload.get('format')!r} != {_CACHE_FORMAT}")
+        splits = []
+        for split in ("train", "test"):
+            images, labels = payload[f"{split}_images"], payload[f"{split}_labels"]
+            ok = (
+                isinstance(images, torch.Tensor)
+                and isinstance(labels, torch.Tensor)
+                and images.dtype == torch.uint8
+                and labels.dtype == torch.int64
+                and images.dim() == 4
+                and tuple(images.shape[1:]) == src.input_shape
+                and labels.shape == (images.shape[0],)
+            )
+            if not ok:
+                raise ValueError(f"unexpected {split} tensors")
+            splits.append(Split(images=images, labels=labels))
+    except Exception as exc:  # any unreadable cache is just decoded again
+        logger.warning("ignoring unreadable dataset cache %s: %s", path, exc)
+        return None
+    return splits[0], splits[1]
+
+
+def _write_cache(path: Path, train: Split, test: Split) -> None:
+    payload = {
+        "format": _CACHE_FORMAT,
+        "train_images": train.images,
+        "train_labels": train.labels,
+        "test_images": test.images,
+        "test_labels": test.labels,
+    }
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Temp file in the same folder + os.replace: readers never see a half-written file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
+        os.replace(tmp, path)
+        tmp = None
+    except (OSError, RuntimeError) as exc:
+        _warn_cache_once(path.parent, "cannot write", exc)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)

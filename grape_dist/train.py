@@ -1,0 +1,67 @@
+"""Train a model with BP, FA, DFA, DRTP, PEPITA or GrAPE.
+
+    # one process (the embedded MNIST copy needs no network or data folder)
+    python -m grape_dist.train --config configs/mnist_mlp_grape.yaml --out runs/mlp_grape
+    # dotted overrides after the flags
+    python -m grape_dist.train --config configs/mnist_mlp_grape.yaml train.epochs=3 rule=dfa
+    # under torchrun (one rank today; the multi-rank pipeline is the next milestone)
+    torchrun --nproc_per_node=1 -m grape_dist.train --config configs/mnist_mlp_grape.yaml
+
+Data other than the embedded MNIST is read from `data.root` or $GRAPE_DATA_DIR (a folder in the
+Hugging Face hub's parquet layout), else from the hub when online.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .config import ConfigError, load_config
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m grape_dist.train", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="YAML config (see configs/); defaults apply without one")
+    p.add_argument("--out", help="folder for config.yaml, metrics.jsonl and summary.json")
+    p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 rule=dfa")
+    # Intermixed: overrides may come before, between or after the flags.
+    return p.parse_intermixed_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as exc:
+        # Refuse bad input before any rank or data is touched.
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world_size > 1:
+        print(f"config error: WORLD_SIZE={world_size}: multi-rank pipeline training is not "
+              "available in this version; run with --nproc_per_node=1", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.WARNING if args.quiet or rank else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    if args.quiet:
+        cfg.train.progress = False
+
+    from .distributed import process_group
+    from .trainer import Trainer
+
+    with process_group():
+        summary = Trainer(cfg, args.out, world_size=world_size).fit()
+    logging.getLogger("grape_dist").info(
+        "done: rule %s final test accuracy %.4f (best %.4f), %d steps, %.1fs",
+        summary["rule"], summary["final_test_accuracy"], summary["best_test_accuracy"],
+        summary["steps"], summary["wall_seconds"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Tests of grape_dist.data on real parquet files read through `datasets` (no mocks).
+
+MNIST and CIFAR-10 come from the offline copies in ../shared/data beside the repository root
+(tests skip when that folder is absent); CIFAR-100 is a small file in the hub's schema that the
+tests write themselves.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from grape_dist.data import (
+    DATASETS,
+    DatasetUnavailableError,
+    ImageDataset,
+    dataset_names,
+    epoch_batches,
+    load_image_dataset,
+    normalize,
+    random_batch_indices,
+    subset_indices,
+)
+from grape_dist.data.images import EMBEDDED_ROOT
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+SHARED_MNIST = SHARED_DATA / "mnist" / "mnist"
+SHARED_CIFAR10 = SHARED_DATA / "cifar10" / "plain_text"
+
+needs_shared_mnist = pytest.mark.skipif(
+    not (SHARED_MNIST / "train-00000-of-00001.parquet").is_file(),
+    reason=f"shared MNIST not found at {SHARED_MNIST}",
+)
+needs_shared_cifar10 = pytest.mark.skipif(
+    not (SHARED_CIFAR10 / "train-00000-of-00001.parquet").is_file(),
+    reason=f"shared CIFAR-10 not found at {SHARED_CIFAR10}",
+)
+
+HUB_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HTTPS_PROXY", "https_proxy")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The developer's own data/cache settings must not leak into what a test resolves.
+    monkeypatch.delenv("GRAPE_DATA_DIR", raising=False)
+    monkeypatch.delenv("GRAPE_CACHE_DIR", raising=False)
+
+
+@pytest.fixture(scope="module")
+def mnist_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("mnist_cache")
+
+
+@pytest.fixture(scope="module")
+def embedded_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("embedded_cache")
+
+
+@pytest.fixture(scope="module")
+def mnist(mnist_cache: Path) -> ImageDataset:
+    if not (SHARED_MNIST / "train-00000-of-00001.parquet").is_file():
+        pytest.skip(f"shared MNIST not found at {SHARED_MNIST}")
+    return load_image_dataset("mnist", root=str(SHARED_DATA), cache_dir=str(mnist_cache))
+
+
+def _check_image_dataset(ds: ImageDataset, name: str, n_train: int, n_test: int) -> None:
+    src = DATASETS[name]
+    assert ds.name == name
+    assert ds.input_shape == src.input_shape
+    assert ds.num_classes == src.num_classes
+    for split, n in ((ds.train, n_train), (ds.test, n_test)):
+        assert split.images.shape == (n, *src.input_shape)
+        assert split.images.dtype == torch.uint8
+        assert split.labels.shape == (n,)
+        assert split.labels.dtype == torch.int64
+        assert int(split.labels.min()) >= 0
+        assert int(split.labels.max()) < src.num_classes
+
+
+# --------------------------------------------------------------------------------------------
+# Registry
+
+
+def test_registry() -> None:
+    assert dataset_names() == ["cifar10", "cifar100", "mnist"]
+    assert DATASETS["mnist"].hub_id == "ylecun/mnist"
+    assert DATASETS["cifar100"].label_column == "fine_label"
+    for src in DATASETS.values():
+        assert len(src.mean) == len(src.std) == src.input_shape[0]
+    with pytest.raises(KeyError, match="known datasets"):
+        load_image_dataset("imagenet-42")
+
+
+# --------------------------------------------------------------------------------------------
+# MNIST from the shared folder and from the embedded copy
+
+
+@needs_shared_mnist
+def test_mnist_shared(mnist: ImageDataset) -> None:
+    _check_image_dataset(mnist, "mnist", 60000, 10000)
+    assert str(SHARED_MNIST) in mnist.source
+    assert torch.equal(torch.unique(mnist.train.labels), torch.arange(10))
+
+    table = pq.read_table(SHARED_MNIST / "train-00000-of-00001.parquet")
+    assert int(mnist.train.labels[0]) == table.column("label")[0].as_py()
+    # Pixel layout: the first image equals a direct PIL decode of its PNG bytes.
+    first = Image.open(io.BytesIO(table.column("image")[0]["bytes"].as_py()))
+    expected = torch.frombuffer(bytearray(first.tobytes()), dtype=torch.uint8).view(28, 28)
+    assert torch.equal(mnist.train.images[0, 0], expected)
+
+    z = normalize(mnist.train.images[:10000], mnist.mean, mnist.std)
+    assert z.dtype == torch.float32 and z.shape == (10000, 1, 28, 28)
+    assert abs(float(z.mean())) < 0.05 and abs(float(z.std()) - 1.0) < 0.05
+
+
+@needs_shared_mnist
+def test_mnist_cache_roundtrip(mnist: ImageDataset, mnist_cache: Path) -> None:
+    cache_files = list(mnist_cache.glob("mnist-*.pt"))
+    assert len(cache_files) == 1
+    again = load_image_dataset("mnist", root=str(SHARED_DATA), cache_dir=str(mnist_cache))
+    assert "decoded cache" in again.source and "decoded cache" not in mnist.source
+    for a, b in ((mnist.train, again.train), (mnist.test, again.test)):
+        assert torch.equal(a.images, b.images)
+        assert torch.equal(a.labels, b.labels)
+
+
+@needs_shared_mnist
+def test_mnist_from_env_root(
+    mnist: ImageDataset, mnist_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GRAPE_DATA_DIR", str(SHARED_DATA))
+    monkeypatch.setenv("GRAPE_CACHE_DIR", str(mnist_cache))
+    ds = load_image_dataset("mnist")
+    assert "GRAPE_DATA_DIR" in ds.source and str(SHARED_MNIST) in ds.source
+    assert torch.equal(ds.train.labels, mnist.train.labels)
+
+
+def test_mnist_embedded(embedded_cache: Path) -> None:
+    ds = load_image_dataset("mnist", cache_dir=str(embedded_cache))
+    _check_image_dataset(ds, "mnist", 60000, 10000)
+    assert "embedded" in ds.source and str(EMBEDDED_ROOT) in ds.source
+    table = pq.read_table(EMBEDDED_ROOT / "mnist" / "mnist" / "test-00000-of-00001.parquet")
+    assert ds.test.labels.tolist() == table.column("label").to_pylist()
+
+
+@needs_shared_mnist
+def test_mnist_embedded_matches_shared(mnist: ImageDataset, embedded_cache: Path) -> None:
+    ds = load_image_dataset("mnist", cache_dir=str(embedded_cache))
+    assert torch.equal(ds.train.images, mnist.train.images)
+    assert torch.equal(ds.test.labels, mnist.test.labels)
+
+
+def test_root_without_dataset_falls_back_to_embedded(
+    tmp_path: Path, embedded_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # must never get as far as the hub
+    ds = load_image_dataset("mnist", root=str(tmp_path), cache_dir=str(embedded_cache))
+    assert "embedded" in ds.source
+    assert ds.train.images.shape == (60000, 1, 28, 28)
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-10 from the shared folder
+
+
+@needs_shared_cifar10
+def test_cifar10_shared(tmp_path: Path) -> None:
+    ds = load_image_dataset("cifar10", root=str(SHARED_DATA), cache_dir=str(tmp_path))
+    _check_image_dataset(ds, "cifar10", 50000, 10000)
+    table = pq.read_table(SHARED_CIFAR10 / "test-00000-of-00001.parquet", columns=["label"])
+    assert ds.test.labels.tolist() == table.column("label").to_pylist()
+    # Colour images: the channels must not all be equal.
+    assert not torch.equal(ds.train.images[:, 0], ds.train.images[:, 1])
+
+
+# --------------------------------------------------------------------------------------------
+# CIFAR-100 in the hub's schema, written by the test
+
+
+def _encode(pixels: torch.Tensor, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def _write_cifar100(
+    root: Path, n_train: int = 40, n_test: int = 24, gray: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Write {train,test}-00000-of-00001.parquet with columns img, fine_label, coarse_label.
+
+    Train images are PNG (lossless, so pixels can be compared), test images JPEG.
+    Returns the HWC pixels and fine labels written per split.
+    """
+    folder = root / "cifar100" / "cifar100"
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    img_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    written = {}
+    for split, n, fmt in (("train", n_train, "PNG"), ("test", n_test, "JPEG")):
+        shape = (n, 32, 32) if gray else (n, 32, 32, 3)
+        pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        fine = torch.randint(0, 100, (n,), generator=gen)
+        images = [{"bytes": _encode(p, fmt), "path": None} for p in pixels]
+        table = pa.table(
+            {
+                "img": pa.array(images, type=img_type),
+                "fine_label": pa.array(fine.tolist(), type=pa.int64()),
+                "coarse_label": pa.array((fine // 5).tolist(), type=pa.int64()),
+            }
+        )
+        pq.write_table(table, folder / f"{split}-00000-of-00001.parquet")
+        written[split] = (pixels, fine)
+    return written
+
+
+def test_cifar100_written_parquet(tmp_path: Path) -> None:
+    written = _write_cifar100(tmp_path / "data")
+    ds = load_image_dataset("cifar100", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "c"))
+    _check_image_dataset(ds, "cifar100", 40, 24)
+    train_pixels, train_fine = written["train"]
+    assert torch.equal(ds.train.images, train_pixels.permute(0, 3, 1, 2))
+    assert torch.equal(ds.train.labels, train_fine)
+    assert torch.equal(ds.test.labels, written["test"][1])
+
+
+def test_corrupt_cache_is_rewritten(tmp_path: Path) -> None:
+    _write_cifar100(tmp_path / "data")
+    root, cache = str(tmp_path / "data"), tmp_path / "cache"
+    first = load_image_dataset("cifar100", root=root, cache_dir=str(cache))
+    (cache_file,) = cache.glob("cifar100-*.pt")
+    cache_file.write_bytes(b"not a torch file")
+    second = load_image_dataset("cifar100", root=root, cache_dir=str(cache))
+    assert "decoded cache" not in second.source
+    third = load_image_dataset("cifar100", root=root, cache_dir=str(cache))
+    assert "decoded cache" in third.source
+    assert torch.equal(first.train.images, third.train.images)
+    assert torch.equal(first.test.labels, third.test.labels)
+
+
+def test_changed_source_file_misses_cache(tmp_path: Path) -> None:
+    _write_cifar100(tmp_path / "data")
+    root, cache = str(tmp_path / "data"), str(tmp_path / "cache")
+    load_image_dataset("cifar100", root=root, cache_dir=cache)
+    _write_cifar100(tmp_path / "data2", n_train=8, n_test=4)
+    target = tmp_path / "data" / "cifar100" / "cifar100"
+    for f in (tmp_path / "data2" / "cifar100" / "cifar100").iterdir():
+        f.replace(target / f.name)
+    ds = load_image_dataset("cifar100", root=root, cache_dir=cache)
+    assert "decoded cache" not in ds.source
+    assert len(ds.train) == 8 and len(ds.test) == 4
+
+
+def test_unwritable_cache_dir_still_loads(tmp_path: Path) -> None:
+    _write_cifar100(tmp_path / "data")
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder should be")
+    with pytest.warns(RuntimeWarning, match="not caching"):
+        ds = load_image_dataset(
+            "cifar100", root=str(tmp_path / "data"), cache_dir=str(blocker / "cache")
+        )
+    assert len(ds.train) == 40
+
+
+def test_shape_mismatch_is_reported(tmp_path: Path) -> None:
+    _write_cifar100(tmp_path / "data", gray=True)
+    with pytest.raises(ValueError, match=r"registry says \(3, 32, 32\)"):
+        load_image_dataset("cifar100", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "c"))
+
+
+# --------------------------------------------------------------------------------------------
+# No local copy and no hub
+
+
+def test_offline_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("GRAPE_DATA_DIR", str(tmp_path / "data"))
+    start = time.monotonic()
+    with pytest.raises(DatasetUnavailableError) as err:
+        load_image_dataset("cifar100", cache_dir=str(tmp_path / "cache"))
+    assert time.monotonic() - start < 5.0
+    message = str(err.value)
+    assert "GRAPE_DATA_DIR" in message
+    assert str(tmp_path / "data" / "cifar100" / "cifar100") in message
+    assert "cifar100/cifar100/train-*.parquet" in message
+
+
+def test_unreachable_hub_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    for var in HUB_ENV:
+        monkeypatch.delenv(var, raising=False)
+    # Nothing listens on the discard port locally: the probe is refused at once.
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")
+    start = time.monotonic()
+    with pytest.raises(DatasetUnavailableError, match="GRAPE_DATA_DIR"):
+        load_image_dataset("cifar100", root=str(tmp_path), cache_dir=str(tmp_path / "cache"))
+    assert time.monotonic() - start < 5.0
+
+
+# --------------------------------------------------------------------------------------------
+# Sampling
+
+
+def test_epoch_batches_deterministic_and_complete() -> None:
+    a = epoch_batches(1003, 64, seed=7, epoch=3)
+    b = epoch_batches(1003, 64, seed=7, epoch=3)
+    assert len(a) == 16 and len(a[-1]) == 1003 - 15 * 64
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    assert all(x.dtype == torch.int64 for x in a)
+    order = torch.cat(a)
+    assert torch.equal(torch.sort(order).values, torch.arange(1003))
+    assert not torch.equal(order, torch.cat(epoch_batches(1003, 64, seed=7, epoch=4)))
+    assert not torch.equal(order, torch.cat(epoch_batches(1003, 64, seed=8, epoch=3)))
+    assert not torch.equal(order, torch.arange(1003))
+
+
+def test_epoch_batches_ignores_global_rng() -> None:
+    torch.manual_seed(1)
+    a = torch.cat(epoch_batches(500, 50, seed=0, epoch=0))
+    torch.manual_seed(2)
+    torch.rand(10)
+    assert torch.equal(a, torch.cat(epoch_batches(500, 50, seed=0, epoch=0)))
+
+
+def test_epoch_batches_options() -> None:
+    plain = epoch_batches(10, 4, seed=0, epoch=0, shuffle=False)
+    assert [x.tolist() for x in plain] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    dropped = epoch_batches(10, 4, seed=0, epoch=0, drop_last=True)
+    assert [len(x) for x in dropped] == [4, 4]
+    assert epoch_batches(0, 4, seed=0, epoch=0) == []
+    with pytest.raises(ValueError):
+        epoch_batches(10, 0, seed=0, epoch=0)
+
+
+def test_subset_and_random_batches() -> None:
+    s = subset_indices(60000, 500, seed=3)
+    assert torch.equal(s, subset_indices(60000, 500, seed=3))
+    assert not torch.equal(s, subset_indices(60000, 500, seed=4))
+    assert len(torch.unique(s)) == 500 and int(s.min()) >= 0 and int(s.max()) < 60000
+    assert torch.equal(subset_indices(10, 50, seed=0), torch.arange(10))
+
+    r = random_batch_indices(1000, 32, seed=1, key=5)
+    assert torch.equal(r, random_batch_indices(1000, 32, seed=1, key=5))
+    assert not torch.equal(r, random_batch_indices(1000, 32, seed=1, key=6))
+    assert len(torch.unique(r)) == 32 and int(r.max()) < 1000
+    with pytest.raises(ValueError):
+        random_batch_indices(10, 11, seed=0, key=0)

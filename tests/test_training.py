@@ -1,0 +1,128 @@
+"""End to end on real MNIST: the trainer, calibration schedule, and the entry point's outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from grape_dist.config import load_config
+from grape_dist.trainer import Trainer
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["data.train_subset=6000", "data.test_subset=2000", "train.progress=false",
+         "model.hidden=[256, 256]", "optim.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def short_runs(tmp_path_factory):
+    out = {}
+    for rule in ("bp", "dfa", "grape"):
+        d = tmp_path_factory.mktemp(rule)
+        cfg = load_config(None, [f"rule={rule}", "train.epochs=2", *QUICK])
+        summary = Trainer(cfg, d).fit()
+        rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
+        out[rule] = (summary, [r for r in rows if r["split"] == "test"])
+    return out
+
+
+@pytest.mark.parametrize("rule", ["bp", "dfa", "grape"])
+def test_short_mnist_run_is_far_above_chance(rule, short_runs):
+    summary, test_rows = short_runs[rule]
+    assert summary["final_test_accuracy"] > 0.85, summary
+    assert [r["epoch"] for r in test_rows] == [1, 2]
+
+
+def test_grape_aligns_feedback_far_better_than_dfa(short_runs):
+    grape = short_runs["grape"][1][-1]["alignment"]
+    dfa = short_runs["dfa"][1][-1]["alignment"]
+    assert set(grape) == set(dfa) == {"fc1", "fc2"}
+    for block in grape:
+        # cos(B^T e, true gradient): GrAPE's learned B points nearly along the gradient.
+        assert grape[block]["grad_cos"] > 0.8, grape
+        assert grape[block]["grad_cos"] > dfa[block]["grad_cos"] + 0.2, (grape, dfa)
+        assert grape[block]["jac_cos"] > dfa[block]["jac_cos"], (grape, dfa)
+
+
+def test_calibration_fires_once_every_T_epochs_on_one_mini_batch(tmp_path):
+    cfg = load_config(None, [
+        "rule=grape", "train.epochs=5", "data.train_subset=512", "data.batch_size=128",
+        "data.test_subset=256", "train.progress=false", "model.hidden=[32, 32]",
+        "calibration.every_epochs=2", "calibration.batch_size=64",
+        "calibration.optim.name=adam", "calibration.optim.lr=1e-3",
+    ])
+    trainer = Trainer(cfg, tmp_path)
+    summary = trainer.fit()
+    events = trainer.state.calibrations
+    assert [(e.epoch, e.step, e.batch_size) for e in events] == [(2, 8, 64), (4, 16, 64)]
+    assert summary["calibration_steps"] == 2
+    # Exactly one optimiser step per calibration: Adam counts them.
+    opt = trainer.stages[0].calibration.optimizer
+    steps = {int(s["step"]) for s in opt.state.values()}
+    assert steps == {2}
+
+
+def test_calibration_batch_is_exact_bp_on_that_batch(tmp_path):
+    """The calibration step moves the weights exactly as one autograd SGD step on its batch."""
+    from grape_dist.data import random_batch_indices
+    cfg = load_config(None, [
+        "rule=dfa", "train.epochs=1", "data.train_subset=256", "data.test_subset=64",
+        "train.progress=false", "model.hidden=[16]", "calibration.every_epochs=1",
+        "calibration.batch_size=32", "calibration.optim.momentum=0.0",
+        "calibration.optim.lr=0.5",
+    ])
+    trainer = Trainer(cfg, None)
+    trainer.train_epoch(1)
+    before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+    idx = random_batch_indices(len(trainer.train.y), 32, cfg.seed, 1)
+    x, y = trainer.train.x[idx], trainer.train.y[idx]
+    loss = torch.nn.functional.cross_entropy(trainer.model(x), y)
+    grads = torch.autograd.grad(loss, list(trainer.model.parameters()))
+    trainer.calibrate(1)
+    for (k, p), g in zip(trainer.model.named_parameters(), grads):
+        torch.testing.assert_close(p.detach(), before[k] - 0.5 * g)
+
+
+def _run_cli(cmd, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def _check_outputs(out: Path, world_size: int = 1):
+    assert (out / "config.yaml").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("final_test_accuracy", "best_test_accuracy", "epochs", "steps", "rule",
+                "world_size", "wall_seconds"):
+        assert key in summary
+    assert summary["world_size"] == world_size
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {"epoch", "step", "split", "loss", "accuracy"} <= set(rows[-1])
+    return summary
+
+
+def test_entry_point_writes_run_outputs(tmp_path):
+    out = tmp_path / "run"
+    r = _run_cli([sys.executable, "-m", "grape_dist.train", "--config",
+                  "configs/mnist_mlp_grape.yaml", "--out", str(out), "train.epochs=1", *QUICK],
+                 tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "epoch 1/1" in r.stderr and "test loss" in r.stderr
+    assert _check_outputs(out)["final_test_accuracy"] > 0.8
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None and not
+                    (Path(sys.executable).parent / "torchrun").exists(), reason="no torchrun")
+def test_entry_point_under_torchrun(tmp_path):
+    out = tmp_path / "run"
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    r = _run_cli([torchrun, "--nproc_per_node=1", "-m", "grape_dist.train", "--config",
+                  "configs/mnist_mlp_dfa.yaml", "--out", str(out), "--quiet", "train.epochs=1",
+                  *QUICK], tmp_path)
+    assert r.returncode == 0, r.stderr
+    _check_outputs(out)
