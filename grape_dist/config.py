@@ -111,9 +111,22 @@ class CalibrationConfig:
 
 @dataclass
 class PipelineConfig:
-    """How the blocks are split into stages (issue: multi-rank pipeline)."""
+    """How ranks are arranged and blocks split into stages. World size = pp x dp."""
 
+    # Pipeline stages; 0 = WORLD_SIZE / dp.
+    pp: int = 0
+    # Data-parallel replicas of every stage; the global batch is dp x data.batch_size.
+    dp: int = 1
     micro_batches: int = 1
+    # Contiguous split balanced by parameter count or by measured forward time (rank 0's).
+    balance: Literal["params", "time"] = "params"
+    # Explicit blocks per stage (e.g. [2, 1]); overrides `balance`.
+    stage_blocks: list[int] = field(default_factory=list)
+    # BP only: `native` (this runtime, all forwards then all backwards), or
+    # torch.distributed.pipelining's `gpipe`, `1f1b`, `zero_bubble` (interleaved ZB, 2 stages
+    # per rank).
+    schedule: Literal["native", "gpipe", "1f1b", "zero_bubble"] = "native"
+    timeout_s: float = 300.0
 
 
 @dataclass
@@ -125,6 +138,8 @@ class TrainConfig:
     # torch intra-op threads; 0 leaves torch's default.
     threads: int = 0
     progress: bool = True
+    # Write the final weights and feedback matrices to <out>/final_state.pt.
+    save_final: bool = False
 
 
 @dataclass
@@ -361,6 +376,15 @@ def validate(cfg: Config) -> None:
         _check(m.name == "mlp", "rule",
                "pepita is defined for MLPs only (Table 1 has no PEPITA CNN)")
     p = cfg.pipeline
+    _check(p.pp >= 0, "pipeline.pp", f"must be >= 0 (0 = WORLD_SIZE / dp), got {p.pp}")
+    _check(p.dp >= 1, "pipeline.dp", f"must be >= 1, got {p.dp}")
+    _check(all(b >= 1 for b in p.stage_blocks), "pipeline.stage_blocks",
+           f"block counts must be >= 1, got {p.stage_blocks}")
+    _check(p.timeout_s > 0, "pipeline.timeout_s", "must be > 0")
+    if p.schedule != "native":
+        _check(cfg.rule in ("bp", "fa"), "pipeline.schedule",
+               f"'{p.schedule}' is a backprop schedule (rules bp, fa); rule '{cfg.rule}' runs "
+               "on the native schedule")
     _check(p.micro_batches >= 1, "pipeline.micro_batches", f"must be >= 1, got {p.micro_batches}")
     _check(
         p.micro_batches <= d.batch_size,

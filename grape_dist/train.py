@@ -4,8 +4,11 @@
     python -m grape_dist.train --config configs/mnist_mlp_grape.yaml --out runs/mlp_grape
     # dotted overrides after the flags
     python -m grape_dist.train --config configs/mnist_mlp_grape.yaml train.epochs=3 rule=dfa
-    # under torchrun (one rank today; the multi-rank pipeline is the next milestone)
-    torchrun --nproc_per_node=1 -m grape_dist.train --config configs/mnist_mlp_grape.yaml
+    # a pipeline of 3 ranks, one stage each (blocks split by parameter count)
+    torchrun --nproc_per_node=3 -m grape_dist.train --config configs/mnist_mlp_grape.yaml
+    # 2 stages x 2 data-parallel replicas, 4 micro-batches per mini-batch
+    torchrun --nproc_per_node=4 -m grape_dist.train --config configs/mnist_mlp_grape.yaml \
+        pipeline.dp=2 pipeline.micro_batches=4
 
 Data other than the embedded MNIST is read from `data.root` or $GRAPE_DATA_DIR (a folder in the
 Hugging Face hub's parquet layout), else from the hub when online.
@@ -42,10 +45,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
+    from .distributed.mesh import MeshError, check_mesh
+    from .trainer import num_blocks
+
     if world_size > 1:
-        print(f"config error: WORLD_SIZE={world_size}: multi-rank pipeline training is not "
-              "available in this version; run with --nproc_per_node=1", file=sys.stderr)
-        return 2
+        try:
+            # Every rank checks the same thing, so all of them stop before joining the group.
+            check_mesh(world_size, cfg.pipeline.pp, cfg.pipeline.dp, num_blocks(cfg))
+        except MeshError as exc:
+            # Every rank says it: torchrun may stop the others before rank 0 gets to print.
+            print(f"config error (rank {rank}): {exc}", file=sys.stderr, flush=True)
+            return 2
     logging.basicConfig(level=logging.WARNING if args.quiet or rank else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.quiet:
@@ -54,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     from .distributed import process_group
     from .trainer import Trainer
 
-    with process_group():
-        summary = Trainer(cfg, args.out, world_size=world_size).fit()
+    with process_group(cfg.pipeline.timeout_s):
+        summary = Trainer(cfg, args.out).fit()
     logging.getLogger("grape_dist").info(
         "done: rule %s final test accuracy %.4f (best %.4f), %d steps, %.1fs",
         summary["rule"], summary["final_test_accuracy"], summary["best_test_accuracy"],

@@ -8,16 +8,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
+import torch.distributed as dist
 
 from .config import Config, to_dict
 from .data import epoch_batches, load_image_dataset, normalize, random_batch_indices, subset_indices
 from .metrics.alignment import alignment_metrics
 from .metrics.progress import Progress
-from .metrics.writer import RunWriter
+from .metrics.writer import RunWriter, atomic_save
 from .models import BlockModel, build_model
 from .optim import scheduled_lr, set_lr
-from .runtime import LocalPipeline, build_stages
+from .runtime import LocalPipeline, build_stages, split_micro_batches
 
 log = logging.getLogger("grape_dist")
 
@@ -55,27 +55,66 @@ def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, tuple[int, ...], int, s
     return splits[0], splits[1], ds.input_shape, ds.num_classes, ds.source
 
 
-class Trainer:
-    """Single-process trainer: the pipeline with one stage (multi-rank runtimes reuse Stage)."""
+def num_blocks(cfg: Config) -> int:
+    """Blocks of the configured model, known before anything is built (mesh checks)."""
+    extra = 2 if cfg.model.name == "lenet" else 0
+    return extra + len(cfg.model.hidden) + 1
 
-    def __init__(self, cfg: Config, out_dir: str | Path | None = None, world_size: int = 1) -> None:
+
+def build_pipeline(cfg: Config, model: BlockModel):
+    """The runtime for this process: all blocks in one stage, or this rank's stage of the mesh
+    when launched with several ranks. Returns (pipeline, mesh or None)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        n = len(model.blocks)
+        return LocalPipeline(build_stages(cfg, model, [(0, n)]), cfg.pipeline.micro_batches), None
+    from .distributed.mesh import Mesh, check_mesh
+    from .distributed.partition import block_costs, partition
+    from .distributed.pipeline import DistributedPipeline
+
+    p = cfg.pipeline
+    pp, dp = check_mesh(dist.get_world_size(), p.pp, p.dp, len(model.blocks))
+    mesh = Mesh.create(pp, dp)
+    if p.stage_blocks or p.balance == "params":
+        bounds = partition(model, pp, p.balance, p.stage_blocks)
+    else:
+        # Measured costs differ from rank to rank: use rank 0's, so all agree on the split.
+        costs = torch.tensor(block_costs(model, "time"), dtype=torch.float64)
+        dist.broadcast(costs, 0)
+        from .distributed.partition import balanced_bounds
+        bounds = balanced_bounds(costs.tolist(), pp)
+    first, last = bounds[mesh.stage]
+    stage = build_stages(cfg, model, bounds, only=mesh.stage)[0]
+    log.info("mesh pp=%d x dp=%d; stage blocks %s; rank %d holds blocks %d..%d", pp, dp,
+             [b - a for a, b in bounds], mesh.rank, first, last - 1)
+    return DistributedPipeline(stage, mesh, p.micro_batches, model.num_classes), mesh
+
+
+class Trainer:
+    """The training loop over any runtime: the single-process pipeline (one stage) or this
+    rank's stage of the distributed pipeline. Only rank 0 writes outputs and logs."""
+
+    def __init__(self, cfg: Config, out_dir: str | Path | None = None) -> None:
         self.cfg = cfg
-        self.world_size = world_size
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.writer = RunWriter(out_dir)
+        self.out_dir = Path(out_dir) if out_dir is not None and self.rank == 0 else None
+        self.writer = RunWriter(self.out_dir)
         self.writer.config(to_dict(cfg))
         t0 = time.perf_counter()
         self.train, self.test, input_shape, num_classes, source = load_tensors(cfg)
         log.info("data %s: %d train / %d test from %s (%.1fs)", cfg.data.name, len(self.train.y),
                  len(self.test.y), source, time.perf_counter() - t0)
+        # Every rank builds the whole model from the same seed, then keeps its own blocks.
         torch.manual_seed(cfg.seed)
         self.model: BlockModel = build_model(cfg.model.name, input_shape, num_classes,
                                              cfg.model.hidden, cfg.model.channels,
                                              cfg.model.activation)
-        n = len(self.model.blocks)
-        self.stages = build_stages(cfg, self.model, [(0, n)])
-        self.pipeline = LocalPipeline(self.stages, cfg.pipeline.micro_batches)
+        self.pipeline, self.mesh = build_pipeline(cfg, self.model)
+        self.stages = self.pipeline.stages
+        self.dp = self.mesh.dp if self.mesh else 1
+        self.replica = self.mesh.replica if self.mesh else 0
         probe = subset_indices(len(self.train.y), min(cfg.train.probe_batch_size,
                                                       len(self.train.y)), cfg.seed + 1)
         self.probe = Tensors(self.train.x[probe], self.train.y[probe])
@@ -83,22 +122,14 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self, data: Tensors) -> tuple[float, float]:
-        loss, correct = 0.0, 0
-        bs = self.cfg.data.eval_batch_size
-        for start in range(0, len(data.y), bs):
-            logits = self.pipeline.infer(data.x[start:start + bs])
-            y = data.y[start:start + bs]
-            loss += float(F.cross_entropy(logits, y, reduction="sum"))
-            correct += int((logits.argmax(1) == y).sum())
+        loss, correct = self.pipeline.evaluate(data.x, data.y, self.cfg.data.eval_batch_size)
         return loss / len(data.y), correct / len(data.y)
 
-    def feedback(self) -> dict[int, torch.Tensor]:
-        out: dict[int, torch.Tensor] = {}
-        for s in self.stages:
-            out.update(s.rule.feedback_matrices())
-        return out
+    def _replica_rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+        """This replica's share of a global mini-batch: (indices, row offset, global size)."""
+        start, size = split_micro_batches(len(idx), self.dp)[self.replica]
+        return idx[start:start + size], start, len(idx)
 
     # -- training --------------------------------------------------------------------------
 
@@ -108,19 +139,24 @@ class Trainer:
 
     def calibrate(self, epoch: int) -> None:
         """One exact BP step on one random mini-batch (Algorithm 1, step 4)."""
-        bs = min(self.cfg.calibration.batch_size, len(self.train.y))
+        bs = min(self.cfg.calibration.batch_size * self.dp, len(self.train.y))
         idx = random_batch_indices(len(self.train.y), bs, self.cfg.seed, epoch)
-        self.pipeline.calibrate(self.train.x[idx], self.train.y[idx], self.state.step)
+        rows, offset, total = self._replica_rows(idx)
+        self.pipeline.calibrate(self.train.x[rows], self.train.y[rows], self.state.step, offset,
+                                total)
         self.state.calibrations.append(CalibrationEvent(epoch, self.state.step, len(idx)))
 
     def train_epoch(self, epoch: int) -> tuple[float, float, dict[str, float]]:
         cfg = self.cfg
-        batches = epoch_batches(len(self.train.y), cfg.data.batch_size, cfg.seed, epoch)
-        bar = Progress(len(batches), f"epoch {epoch}/{cfg.train.epochs}", cfg.train.progress)
+        batches = epoch_batches(len(self.train.y), cfg.data.batch_size * self.dp, cfg.seed, epoch)
+        bar = Progress(len(batches), f"epoch {epoch}/{cfg.train.epochs}",
+                       cfg.train.progress and self.rank == 0)
         loss = correct = seen = 0
         stats_sum: dict[str, float] = {}
         for idx in batches:
-            r = self.pipeline.train_step(self.train.x[idx], self.train.y[idx], self.state.step)
+            rows, offset, total = self._replica_rows(idx)
+            r = self.pipeline.train_step(self.train.x[rows], self.train.y[rows], self.state.step,
+                                         offset, total)
             self.state.step += 1
             loss += r.loss_sum
             correct += r.correct
@@ -150,12 +186,16 @@ class Trainer:
                 continue
             test_loss, test_acc = self.evaluate(self.test)
             self.state.best_test_accuracy = max(self.state.best_test_accuracy, test_acc)
-            align = alignment_metrics(self.model, self.feedback(), self.probe.x, self.probe.y,
-                                      cfg.seed)
-            train_align = {names[int(k.split("/")[1])]: v for k, v in stats.items()
-                           if k.startswith("align_cos/")}
-            for name, v in train_align.items():
-                align.setdefault(name, {})["train_col_cos"] = v
+            feedback = self.pipeline.gather_model(self.model)
+            align = {}
+            if self.rank == 0:
+                align = alignment_metrics(self.model, feedback, self.probe.x, self.probe.y,
+                                          cfg.seed)
+            stats = self.pipeline.merge_stats(stats)
+            for k, v in stats.items():
+                name = names[int(k.split("/")[1])]
+                if k.startswith("align_cos/") and name in align:
+                    align[name]["train_col_cos"] = v
             base = {"epoch": epoch, "step": self.state.step}
             self.writer.metrics({**base, "split": "train", "loss": train_loss,
                                  "accuracy": train_acc})
@@ -177,9 +217,20 @@ class Trainer:
             "steps": self.state.step,
             "calibration_steps": len(self.state.calibrations),
             "world_size": self.world_size,
-            "pp": len(self.stages),
-            "dp": 1,
+            "pp": self.mesh.pp if self.mesh else 1,
+            "dp": self.dp,
             "wall_seconds": round(time.perf_counter() - t0, 3),
         }
         self.writer.summary(summary)
+        if cfg.train.save_final:
+            self.save_final()
         return summary
+
+    def save_final(self) -> None:
+        """Rank 0 writes the full model and feedback matrices to `final_state.pt` atomically."""
+        feedback = self.pipeline.gather_model(self.model)
+        if self.out_dir is None:
+            return
+        state = {"model": self.model.state_dict(), "feedback": feedback,
+                 "step": self.state.step, "epoch": self.state.epoch}
+        atomic_save(state, self.out_dir / "final_state.pt")

@@ -28,6 +28,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """torch.save through a temporary file and a rename: never a half-written file."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class RunWriter:
     """Writes `config.yaml`, `metrics.jsonl` and `summary.json` under `out_dir` (None: no-op)."""
 

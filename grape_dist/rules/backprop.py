@@ -51,8 +51,7 @@ class BackpropRule(StageRule):
     def finish_step(self) -> dict[str, float]:
         if self._stash:
             raise RuntimeError(f"{len(self._stash)} micro-batches got no backward this step")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._apply_update()
         return {}
 
 

@@ -10,6 +10,7 @@ unchanged on 1 or P ranks. Nothing here knows about torch.distributed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,19 @@ class StageRule:
         self.blocks = blocks
         self.first = first
         self.num_blocks = num_blocks
+        # Sums tensors in place across the data-parallel replicas of this stage; set by the
+        # distributed runtime, a no-op in one process.
+        self.reduce_fn: Callable[[list[torch.Tensor]], None] | None = None
+
+    def _reduce(self, tensors: list[torch.Tensor]) -> None:
+        if self.reduce_fn is not None and tensors:
+            self.reduce_fn(tensors)
+
+    def _apply_update(self) -> None:
+        """Sum the gradients over replicas, step the weights' optimiser, clear gradients."""
+        self._reduce([p.grad for p in self.parameters() if p.grad is not None])
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
     @property
     def indices(self) -> range:

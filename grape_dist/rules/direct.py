@@ -183,6 +183,8 @@ class DirectFeedbackRule(StageRule):
     def finish_step(self) -> dict[str, float]:
         stats: dict[str, float] = {}
         if self.grape is not None and self._jhat:
+            # Replicas sum their estimates first, so every replica takes the same B step.
+            self._reduce([self._jhat[i] for i in sorted(self._jhat)])
             for i, b in self.B.items():
                 loss, grad = fb.alignment_loss_grad(b.data, self._jhat[i], self.grape.eps)
                 b.grad = grad
@@ -208,8 +210,7 @@ class DirectFeedbackRule(StageRule):
                 grads.append(delta)
         torch.autograd.backward(outputs, grads)
         self._stash = {}
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._apply_update()
         return stats
 
     def state_dict(self) -> dict:

@@ -82,8 +82,7 @@ class PepitaRule(StageRule):
     def finish_step(self) -> dict[str, float]:
         if self._stash:
             raise RuntimeError("pepita: a micro-batch got no modulated pass this step")
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._apply_update()
         return {}
 
 

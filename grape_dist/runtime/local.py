@@ -63,16 +63,18 @@ def run_mini_batch(
 
 
 class LocalPipeline:
-    """Stages in one process."""
+    """Stages in one process (one data-parallel replica)."""
 
     def __init__(self, stages: list[Stage], micro_batches: int = 1) -> None:
         self.stages = stages
         self.micro_batches = micro_batches
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
+                   total: int | None = None) -> StepResult:
         return run_mini_batch([s.rule for s in self.stages], x, y, step, self.micro_batches)
 
-    def calibrate(self, x: torch.Tensor, y: torch.Tensor, step: int) -> StepResult:
+    def calibrate(self, x: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
+                  total: int | None = None) -> StepResult:
         """One exact BP step through every stage on one mini-batch."""
         rules = [s.calibration for s in self.stages]
         if any(r is None for r in rules):
@@ -84,3 +86,24 @@ class LocalPipeline:
         for s in self.stages:
             x = s.rule.infer(x)
         return x
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, int]:
+        """(summed loss, correct) over (x, y)."""
+        loss, correct = 0.0, 0
+        for start in range(0, len(y), batch_size):
+            logits = self.infer(x[start:start + batch_size])
+            l_sum, c, _ = output_signal(logits, y[start:start + batch_size], 1, None)
+            loss += l_sum
+            correct += c
+        return loss, correct
+
+    def merge_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        return stats
+
+    def gather_model(self, model) -> dict[int, torch.Tensor]:
+        """Every block already lives in `model`; returns all feedback matrices."""
+        out: dict[int, torch.Tensor] = {}
+        for s in self.stages:
+            out.update(s.rule.feedback_matrices())
+        return out

@@ -22,8 +22,10 @@ class Stage:
         return self.last == self.rule.num_blocks
 
 
-def build_stages(cfg: Config, model: BlockModel, bounds: list[tuple[int, int]]) -> list[Stage]:
-    """One Stage per (first, last) range; the ranges must tile the model's blocks in order."""
+def build_stages(cfg: Config, model: BlockModel, bounds: list[tuple[int, int]],
+                 only: int | None = None) -> list[Stage]:
+    """One Stage per (first, last) range; the ranges must tile the model's blocks in order.
+    `only`: build just that stage (a rank of the distributed pipeline)."""
     n = len(model.blocks)
     if not bounds or bounds[0][0] != 0 or bounds[-1][1] != n or any(
         a[1] != b[0] or a[0] >= a[1] for a, b in zip(bounds, bounds[1:] + [(n, n + 1)])
@@ -34,4 +36,5 @@ def build_stages(cfg: Config, model: BlockModel, bounds: list[tuple[int, int]]) 
         Stage(s, a, b, build_stage_rule(cfg, model, a, b),
               build_calibration_rule(cfg, model, a, b) if calibrate else None)
         for s, (a, b) in enumerate(bounds)
+        if only is None or s == only
     ]

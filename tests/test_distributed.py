@@ -1,0 +1,106 @@
+"""The pipeline under real torchrun + gloo: 1, 2, 3 (uneven) and 4 ranks, and pp x dp meshes,
+must give the same final weights, feedback matrices and metrics as one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+BASE = ["data.train_subset=640", "data.test_subset=256", "model.hidden=[32,32,32]",
+        "train.epochs=2", "train.save_final=true", "train.threads=1", "optim.lr=5e-3",
+        "data.batch_size=32", "pipeline.micro_batches=2"]
+
+pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+
+
+def torchrun(nproc: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", "--standalone", "-m",
+           "grape_dist.train", "--quiet", "--out", str(out), *BASE, *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+
+
+def load(out: Path):
+    state = torch.load(out / "final_state.pt")
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return state, rows, json.loads((out / "summary.json").read_text())
+
+
+def assert_same_run(ref, other):
+    (sa, ra, _), (sb, rb, _) = ref, other
+    for k in sa["model"]:
+        torch.testing.assert_close(sb["model"][k], sa["model"][k], rtol=1e-5, atol=1e-6)
+    assert set(sa["feedback"]) == set(sb["feedback"])
+    for k in sa["feedback"]:
+        torch.testing.assert_close(sb["feedback"][k], sa["feedback"][k], rtol=1e-5, atol=1e-6)
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        assert (x["epoch"], x["split"]) == (y["epoch"], y["split"])
+        assert x["loss"] == pytest.approx(y["loss"], rel=1e-5)
+        assert x["accuracy"] == pytest.approx(y["accuracy"], abs=1e-9)
+
+
+@pytest.mark.parametrize("rule,extra", [
+    ("bp", []),
+    ("dfa", ["calibration.every_epochs=1"]),
+    ("grape", ["calibration.every_epochs=1"]),
+])
+def test_one_two_three_four_ranks_follow_one_trajectory(rule, extra, tmp_path):
+    runs = {}
+    for n in (1, 2, 3, 4):
+        r = torchrun(n, tmp_path / str(n), f"rule={rule}", *extra)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[n] = load(tmp_path / str(n))
+        assert (runs[n][2]["world_size"], runs[n][2]["pp"]) == (n, n)
+    # The weights moved, so the comparison means something.
+    assert runs[1][2]["final_test_accuracy"] > 0.25
+    for n in (2, 3, 4):
+        assert_same_run(runs[1], runs[n])
+    if rule != "bp":
+        assert runs[1][2]["calibration_steps"] == 2
+
+
+def test_data_parallel_replicas_match_one_process_with_the_global_batch(tmp_path):
+    r = torchrun(4, tmp_path / "mesh", "rule=grape", "pipeline.dp=2",
+                 "calibration.every_epochs=1", "calibration.batch_size=32")
+    assert r.returncode == 0, r.stderr[-3000:]
+    mesh = load(tmp_path / "mesh")
+    assert (mesh[2]["pp"], mesh[2]["dp"]) == (2, 2)
+    # One process, global batch 2 x 32 split into 2 x 2 micro-batches, calibration batch 64.
+    r = torchrun(1, tmp_path / "one", "rule=grape", "data.batch_size=64",
+                 "pipeline.micro_batches=4", "calibration.every_epochs=1",
+                 "calibration.batch_size=64")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(load(tmp_path / "one"), mesh)
+
+
+def test_explicit_uneven_stage_split(tmp_path):
+    r = torchrun(2, tmp_path / "split", "rule=grape", "pipeline.stage_blocks=[3,1]",
+                 "grape.routing=shared")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(1, tmp_path / "one", "rule=grape", "grape.routing=shared")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(load(tmp_path / "one"), load(tmp_path / "split"))
+
+
+@pytest.mark.parametrize("nproc,overrides,match", [
+    (2, ["model.hidden=[32]"], None),  # 2 blocks on 2 ranks is fine
+    (3, ["model.hidden=[32]"], "pipeline.pp=3 stages but the model has only 2 blocks"),
+    (3, ["pipeline.dp=2"], "WORLD_SIZE=3 is not a multiple of pipeline.dp=2"),
+    (2, ["pipeline.pp=3"], "pipeline.pp=3 x pipeline.dp=1 = 3 ranks, but WORLD_SIZE=2"),
+])
+def test_mesh_errors_stop_every_rank_before_training(nproc, overrides, match, tmp_path):
+    r = torchrun(nproc, tmp_path / "bad", "rule=dfa", "train.epochs=1", *overrides)
+    if match is None:
+        assert r.returncode == 0, r.stderr[-3000:]
+    else:
+        assert r.returncode != 0
+        assert match in r.stderr
