@@ -86,6 +86,12 @@ def build_pipeline(cfg: Config, model: BlockModel):
     stage = build_stages(cfg, model, bounds, only=mesh.stage)[0]
     log.info("mesh pp=%d x dp=%d; stage blocks %s; rank %d holds blocks %d..%d", pp, dp,
              [b - a for a, b in bounds], mesh.rank, first, last - 1)
+    if p.schedule != "native":
+        from .distributed.torch_schedules import TorchScheduledPipeline
+        from .optim import build_optimizer
+        return TorchScheduledPipeline(
+            stage, mesh, p.micro_batches, model.num_classes, model, p.schedule,
+            cfg.data.batch_size, lambda ps: build_optimizer(ps, cfg.optim)), mesh
     return DistributedPipeline(stage, mesh, p.micro_batches, model.num_classes), mesh
 
 
@@ -148,7 +154,9 @@ class Trainer:
 
     def train_epoch(self, epoch: int) -> tuple[float, float, dict[str, float]]:
         cfg = self.cfg
-        batches = epoch_batches(len(self.train.y), cfg.data.batch_size * self.dp, cfg.seed, epoch)
+        # Torch's pipelining schedules need equal micro-batch shapes: drop a partial batch.
+        batches = epoch_batches(len(self.train.y), cfg.data.batch_size * self.dp, cfg.seed, epoch,
+                                drop_last=cfg.pipeline.schedule != "native")
         bar = Progress(len(batches), f"epoch {epoch}/{cfg.train.epochs}",
                        cfg.train.progress and self.rank == 0)
         loss = correct = seen = 0
