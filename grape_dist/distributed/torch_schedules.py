@@ -130,9 +130,8 @@ class TorchScheduledPipeline(DistributedPipeline):
             # Per-micro-batch mean losses -> the summed loss over the mini-batch.
             stats[0] = float(sum(float(v) for v in losses)) * len(y) / len(losses)
             stats[1] = float((out.argmax(1) == y).sum())
-        # The loss lives on the rank holding the last stage (for zero bubble: rank 0).
-        owner = self.mesh.rank_of(0 if self.schedule_name == "zero_bubble" else self.mesh.pp - 1)
-        dist.broadcast(stats, owner, group=self.mesh.pipeline_group)
+        # The loss lives on the rank holding the last stage (interleaved: 2pp-1 on rank pp-1).
+        dist.broadcast(stats, self.last, group=self.mesh.pipeline_group)
         self.rule._apply_update()
         if self.mesh.dp > 1:
             dist.all_reduce(stats, group=self.mesh.replica_group)
