@@ -127,6 +127,11 @@ class PipelineConfig:
     # per rank).
     schedule: Literal["native", "gpipe", "1f1b", "zero_bubble"] = "native"
     timeout_s: float = 300.0
+    # Direct rules: broadcast each micro-batch's signal as soon as it exists and update at once,
+    # so a stage holds ~pp micro-batches of activations (like 1F1B) instead of all of them.
+    # For GrAPE the weight update then uses B from before this mini-batch's B step (which still
+    # runs once per mini-batch on the summed estimate). Same trajectory on 1 and P ranks.
+    streaming: bool = False
 
 
 @dataclass
@@ -381,6 +386,9 @@ def validate(cfg: Config) -> None:
     _check(all(b >= 1 for b in p.stage_blocks), "pipeline.stage_blocks",
            f"block counts must be >= 1, got {p.stage_blocks}")
     _check(p.timeout_s > 0, "pipeline.timeout_s", "must be > 0")
+    if p.streaming:
+        _check(cfg.rule in DIRECT_RULES, "pipeline.streaming",
+               f"applies to rules {', '.join(DIRECT_RULES)}, not '{cfg.rule}'")
     if p.schedule != "native":
         _check(cfg.rule in ("bp", "fa"), "pipeline.schedule",
                f"'{p.schedule}' is a backprop schedule (rules bp, fa); rule '{cfg.rule}' runs "

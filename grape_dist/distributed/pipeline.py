@@ -39,6 +39,14 @@ def all_reduce_sum(tensors: list[torch.Tensor], group) -> None:
         offset += n
 
 
+def _pack(signal: OutputSignal, loss: float = 0.0, correct: int = 0) -> torch.Tensor:
+    parts = [torch.tensor([loss, float(correct)], dtype=torch.float64),
+             signal.error.reshape(-1).double()]
+    if signal.tangents is not None:
+        parts.append(signal.tangents.reshape(-1).double())
+    return torch.cat(parts)
+
+
 class DistributedPipeline:
     """This rank's stage of a pp x dp mesh; same interface as `LocalPipeline`."""
 
@@ -71,9 +79,17 @@ class DistributedPipeline:
                for j, (start, size) in enumerate(split_micro_batches(len(y), self.micro_batches))]
         stats = torch.zeros(2, dtype=torch.float64)  # summed loss, correct
         signals: list[OutputSignal | None] = [None] * len(mbs)
+        streaming = rule.streaming and not rule.sequential_backward
+        # Streaming: a micro-batch's signal is consumed once the pipeline has had time to
+        # produce it, i.e. after this stage forwarded (pp - 1 - stage) further micro-batches.
+        window = self.mesh.pp - 1 - self.mesh.stage
+        packets: dict[int, tuple[torch.Tensor, object]] = {}
+        pending: list[MicroBatch] = []
         sends = []
         for mb in mbs:
             rows = slice(mb.start - offset, mb.start - offset + mb.size)
+            if streaming and self.next is not None:
+                packets[mb.index] = self._post_signal(rule, mb, None)
             if self.prev is None:
                 h, t = x[rows], None
             else:
@@ -84,13 +100,30 @@ class DistributedPipeline:
             else:
                 loss, correct, signals[mb.index] = output_signal(h, y[rows], total, t)
                 stats += torch.tensor([loss, correct], dtype=torch.float64)
+                if streaming:
+                    packets[mb.index] = self._post_signal(rule, mb, signals[mb.index], loss,
+                                                          correct)
+            if streaming:
+                pending.append(mb)
+                while len(pending) > window:
+                    stats += self._consume(rule, pending.pop(0), packets, y, offset)
+        while pending:
+            stats += self._consume(rule, pending.pop(0), packets, y, offset)
         p2p.wait_all(sends)
         if rule.sequential_backward:
             self._sequential_backward(rule, mbs, signals)
             dist.broadcast(stats, self.last, group=self.mesh.pipeline_group)
-        else:
-            signals, stats = self._broadcast_signals(signals, stats, mbs, y, offset)
+        elif not streaming:
+            flat = torch.cat([stats] + [_pack(s) for s in signals]) if self.next is None \
+                else torch.empty(2 + sum(self._packet_size(rule, mb) for mb in mbs),
+                                 dtype=torch.float64)
+            dist.broadcast(flat, self.last, group=self.mesh.pipeline_group)
+            stats, pos = flat[:2].clone(), 2
             for mb in mbs:
+                n = self._packet_size(rule, mb)
+                if self.next is not None:
+                    signals[mb.index] = self._unpack(rule, mb, flat[pos:pos + n], y, offset)
+                pos += n
                 rule.backward(mb, signals[mb.index], None)
             if rule.second_pass:
                 self._modulated_pass(rule, mbs, signals)
@@ -98,6 +131,43 @@ class DistributedPipeline:
         if self.mesh.dp > 1:
             dist.all_reduce(stats, group=self.mesh.replica_group)
         return StepResult(float(stats[0]), int(stats[1]), total, out)
+
+    # -- the broadcast signal ----------------------------------------------------------------
+    # A micro-batch's packet is [loss, correct, error (size x C), output tangents (K x m x C)],
+    # in float64; its size follows from the config, so receivers preallocate it.
+
+    def _packet_size(self, rule: StageRule, mb: MicroBatch) -> int:
+        km = getattr(rule, "output_tangent_shape", lambda _: None)(mb.size)
+        return (2 + mb.size * self.num_classes
+                + (km[0] * km[1] * self.num_classes if km else 0))
+
+    def _post_signal(self, rule: StageRule, mb: MicroBatch, signal: OutputSignal | None,
+                     loss: float = 0.0, correct: int = 0):
+        """Start the broadcast of one micro-batch's packet (the last stage sends it)."""
+        if signal is not None:
+            buf = _pack(signal, loss, correct)
+        else:
+            buf = torch.empty(self._packet_size(rule, mb), dtype=torch.float64)
+        work = dist.broadcast(buf, self.last, group=self.mesh.pipeline_group, async_op=True)
+        return buf, work
+
+    def _consume(self, rule: StageRule, mb: MicroBatch, packets, y, offset) -> torch.Tensor:
+        buf, work = packets.pop(mb.index)
+        work.wait()
+        rule.backward(mb, self._unpack(rule, mb, buf, y, offset), None)
+        # Stats come with the packet: counted once, by the stages that are not the last.
+        return buf[:2].clone() if self.next is not None else torch.zeros(2, dtype=torch.float64)
+
+    def _unpack(self, rule, mb: MicroBatch, buf: torch.Tensor, y, offset) -> OutputSignal:
+        c = self.num_classes
+        dtype = torch.get_default_dtype()
+        e = buf[2:2 + mb.size * c].view(mb.size, c).to(dtype)
+        km = getattr(rule, "output_tangent_shape", lambda _: None)(mb.size)
+        t = buf[2 + mb.size * c:].view(km[0], km[1], c).to(dtype) if km else None
+        # The targets come from this rank's own copy of the labels.
+        labels = y[mb.start - offset:mb.start - offset + mb.size]
+        onehot = torch.nn.functional.one_hot(labels, c).to(dtype)
+        return OutputSignal(e, onehot, t, mb.total)
 
     def _sequential_backward(self, rule: StageRule, mbs, signals) -> None:
         sends = []
@@ -116,41 +186,6 @@ class DistributedPipeline:
             if self.next is not None:
                 sends += p2p.isend([h], self.next)
         p2p.wait_all(sends)
-
-    def _broadcast_signals(self, signals, stats, mbs, y, offset):
-        """One broadcast from the last stage: every micro-batch's error and output tangents."""
-        group = self.mesh.pipeline_group
-        header = torch.zeros(1 + 2 * len(mbs), dtype=torch.int64)
-        if self.next is None:
-            parts = [stats]
-            for j, s in enumerate(signals):
-                parts.append(s.error.reshape(-1).double())
-                if s.tangents is not None:
-                    header[1 + 2 * j:3 + 2 * j] = torch.tensor(s.tangents.shape[:2])
-                    parts.append(s.tangents.reshape(-1).double())
-            flat = torch.cat(parts)
-            header[0] = flat.numel()
-        dist.broadcast(header, self.last, group=group)
-        if self.next is not None:
-            flat = torch.empty(int(header[0]), dtype=torch.float64)
-        dist.broadcast(flat, self.last, group=group)
-        if self.next is None:
-            return signals, stats
-        # Rebuild the signals; the targets come from this rank's own copy of the labels.
-        out, pos, c = [], 2, self.num_classes
-        dtype = torch.get_default_dtype()
-        for j, mb in enumerate(mbs):
-            e = flat[pos:pos + mb.size * c].view(mb.size, c).to(dtype)
-            pos += mb.size * c
-            k, m = header[1 + 2 * j].item(), header[2 + 2 * j].item()
-            t = None
-            if k:
-                t = flat[pos:pos + k * m * c].view(k, m, c).to(dtype)
-                pos += k * m * c
-            labels = y[mb.start - offset:mb.start - offset + mb.size]
-            onehot = torch.nn.functional.one_hot(labels, c).to(dtype)
-            out.append(OutputSignal(e, onehot, t, mb.total))
-        return out, flat[:2].clone()
 
     # -- evaluation and state ----------------------------------------------------------------
 

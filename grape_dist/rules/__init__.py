@@ -47,13 +47,15 @@ def build_stage_rule(cfg: Config, model: BlockModel, first: int, last: int) -> S
                              cfg.feedback.normalize_columns)
             for i in range(first, min(last, n - 1))
         }
-        return DirectFeedbackRule(
+        out = DirectFeedbackRule(
             blocks, first, n, opt, feedback,
             signal="target" if rule == "drtp" else "error",
             grape=cfg.grape if rule == "grape" else None,
             b_optimizer_factory=lambda ps: build_optimizer(ps, cfg.grape.b_optim),
             seed=cfg.seed, name=rule,
         )
+        out.streaming = cfg.pipeline.streaming
+        return out
     raise ValueError(f"unknown rule {rule!r}")
 
 

@@ -78,6 +78,9 @@ class StageRule:
         # Sums tensors in place across the data-parallel replicas of this stage; set by the
         # distributed runtime, a no-op in one process.
         self.reduce_fn: Callable[[list[torch.Tensor]], None] | None = None
+        # Direct rules: apply each micro-batch's update as soon as its signal arrives
+        # (pipeline.streaming) instead of at the end of the mini-batch.
+        self.streaming = False
 
     def _reduce(self, tensors: list[torch.Tensor]) -> None:
         if self.reduce_fn is not None and tensors:

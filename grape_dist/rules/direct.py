@@ -164,7 +164,18 @@ class DirectFeedbackRule(StageRule):
                 k = i if self.grape.routing == "per_block" else 0
                 j = fb.jacobian_estimate(signal.tangents[k], d)
                 self._jhat[i] = self._jhat[i] + j if i in self._jhat else j
+        if self.streaming:
+            # Update now and free this micro-batch's activations; GrAPE's B step waits for
+            # the end of the mini-batch, so this update uses the previous step's B.
+            self._local_backward([self._stash.pop(mb.index)])
         return None
+
+    def output_tangent_shape(self, mb_size: int) -> tuple[int, int] | None:
+        """(streams K, tangent samples m) of the output tangents of a micro-batch."""
+        if self.grape is None:
+            return None
+        m = min(mb_size, self.grape.tangent_samples or mb_size)
+        return (self.num_blocks - 1 if self.grape.routing == "per_block" else 1), m
 
     def jacobian_estimates(self) -> dict[int, torch.Tensor]:
         """J_hat_l accumulated over the micro-batches received so far this step."""
@@ -195,8 +206,15 @@ class DirectFeedbackRule(StageRule):
                     b.copy_(fb.normalize_columns(b, self.grape.eps))
                     b.grad = None
             self._jhat = {}
+        self._local_backward(list(self._stash.values()))
+        self._stash = {}
+        self._apply_update()
+        return stats
+
+    def _local_backward(self, stashes: list[_Stash]) -> None:
+        """Each block's projected signal, backpropagated through that block only."""
         outputs, grads = [], []
-        for stash in self._stash.values():
+        for stash in stashes:
             if stash.signal is None:
                 raise RuntimeError("a micro-batch got no output signal before finish_step")
             src = self._projection_source(stash.signal)
@@ -208,10 +226,8 @@ class DirectFeedbackRule(StageRule):
                     delta = (src @ self.B[i]).reshape(y.shape)
                 outputs.append(y)
                 grads.append(delta)
-        torch.autograd.backward(outputs, grads)
-        self._stash = {}
-        self._apply_update()
-        return stats
+        if outputs:
+            torch.autograd.backward(outputs, grads)
 
     def state_dict(self) -> dict:
         state = {"B": {i: b.detach().clone() for i, b in self.B.items()}}
