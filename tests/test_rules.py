@@ -194,7 +194,7 @@ def test_b_step_equals_eq17_with_independent_jacobian_estimate():
                      "grape.tangent_space=activation")
     from grape_dist.rules import build_stage_rule
     b0 = build_stage_rule(cfg, copy.deepcopy(model), 0, 3).feedback_matrices()
-    _, _, rule = one_step(cfg, model, x, y)
+    old, new, rule = one_step(cfg, model, x, y)
     b1 = rule.feedback_matrices()
     for i in (0, 1):
         n = model.blocks[i].out_features
@@ -203,6 +203,16 @@ def test_b_step_equals_eq17_with_independent_jacobian_estimate():
         g = torch.einsum("son,sn->so", jac, p.double())
         j_hat = g.T @ p.double()
         torch.testing.assert_close(b1[i], _eq17_reference(b0[i], j_hat, lr, eps))
+    # ... and the weights then take the DFA step with the refined B (section 3.3), through the
+    # fused primal+tangent forward.
+    h1, h2, logits = _forward_parts(model, x)
+    e = _error(logits, y)
+    d1 = (e @ b1[0]) * (1 - h1**2)
+    d2 = (e @ b1[1]) * (1 - h2**2)
+    _check(old, new, {
+        "blocks.0.0.weight": -d1.T @ x, "blocks.0.0.bias": -d1.sum(0),
+        "blocks.1.0.weight": -d2.T @ h1, "blocks.2.0.weight": -e.T @ h2,
+    })
 
 
 def test_alignment_loss_gradient_matches_autograd():

@@ -143,3 +143,15 @@ def test_weight_space_is_refused_for_conv_blocks():
     cfg = sgd_config("grape", "grape.tangent_space=weight")
     with pytest.raises(ValueError, match="start with a Linear"):
         build_stage_rule(cfg, model, 0, len(model.blocks))
+
+
+@pytest.mark.parametrize("layer,shape", LAYERS[:2], ids=["Linear", "Conv2d"])
+def test_fused_tangent_forward_keeps_exact_gradients(layer, shape):
+    layer = layer.double()
+    x = torch.randn(5, *shape, requires_grad=True)
+    y, _ = layer_forward(layer, x, torch.randn(2, 3, *shape))
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *layer.parameters()], g)
+    ref = torch.autograd.grad(layer(x), [x, *layer.parameters()], g)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)

@@ -118,8 +118,14 @@ class DirectFeedbackRule(StageRule):
             self._noise_step, self._noise = step, {}
 
     def _activation_noise(self, i: int, mb: MicroBatch, shape: tuple[int, ...]) -> torch.Tensor:
-        # Drawn for the whole mini-batch from a stream keyed by (seed, step, block), then sliced:
-        # the same numbers whatever the stage layout and micro-batching.
+        # Every row: drawn for the whole mini-batch from a stream keyed by (seed, step, block),
+        # then sliced, so the numbers do not depend on the stage layout or the micro-batching.
+        # A few rows per micro-batch (tangent_samples): drawn for those rows only, keyed by the
+        # micro-batch's first row as well.
+        if self.grape.tangent_samples:
+            m = min(mb.size, self.grape.tangent_samples)
+            gen = keyed_generator(self.seed, "tangent", mb.step, i, mb.start)
+            return torch.randn(m, *shape, generator=gen)
         self._refresh_noise(mb.step)
         if i not in self._noise:
             gen = keyed_generator(self.seed, "tangent", mb.step, i)

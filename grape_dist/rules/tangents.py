@@ -41,12 +41,21 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
     if t is None:
         return layer(x), None
     k, m = t.shape[0], t.shape[1]
-    if isinstance(layer, nn.Linear):
-        return layer(x), F.linear(t, layer.weight.detach())
-    if isinstance(layer, nn.Conv2d):
-        w = layer.weight.detach()
-        tt = F.conv2d(_fold(t), w, None, layer.stride, layer.padding, layer.dilation, layer.groups)
-        return layer(x), _unfold(tt, k)
+    if isinstance(layer, nn.Linear) and x.dim() == 2:
+        # Tangent rows stacked under the primal rows: one GEMM reads the weights once (a few
+        # tangent rows in a GEMM of their own cost almost a whole forward: memory-bound).
+        n = x.shape[0]
+        with torch.no_grad():
+            both = F.linear(torch.cat([x.detach(), _fold(t)]), layer.weight)
+        y = _PrecomputedLinear.apply(x, layer.weight, layer.bias, both[:n])
+        return y, _unfold(both[n:], k)
+    if isinstance(layer, nn.Conv2d) and layer.padding_mode == "zeros":
+        n = x.shape[0]
+        conf = (layer.stride, layer.padding, layer.dilation, layer.groups)
+        with torch.no_grad():
+            both = F.conv2d(torch.cat([x.detach(), _fold(t)]), layer.weight, None, *conf)
+        y = _PrecomputedConv2d.apply(x, layer.weight, layer.bias, both[:n], conf)
+        return y, _unfold(both[n:], k)
     if isinstance(layer, nn.ReLU):
         y = layer(x)
         return y, t * (x[:m].detach() > 0)
@@ -71,6 +80,50 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
     if isinstance(layer, nn.Identity):
         return x, t
     return generic_layer_forward(layer, x, t)
+
+
+class _PrecomputedLinear(torch.autograd.Function):
+    """`x W^T + b` whose product was computed by a fused call; records the usual backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, product):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return product + bias if bias is not None else product.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = grad @ weight if ctx.needs_input_grad[0] else None
+        grad_w = grad.T @ x if ctx.needs_input_grad[1] else None
+        grad_b = grad.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_w, grad_b, None
+
+
+class _PrecomputedConv2d(torch.autograd.Function):
+    """conv2d(x, W) + b whose convolution was computed by a fused call."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, product, conf):
+        ctx.save_for_backward(x, weight)
+        ctx.conf = conf
+        ctx.has_bias = bias is not None
+        return product + bias.view(1, -1, 1, 1) if bias is not None else product.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.nn.grad.conv2d_input(x.shape, weight, grad, stride, padding,
+                                                dilation, groups)
+        if ctx.needs_input_grad[1]:
+            grad_w = torch.nn.grad.conv2d_weight(x, weight.shape, grad, stride, padding,
+                                                 dilation, groups)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = grad.sum((0, 2, 3))
+        return grad_x, grad_w, grad_b, None, None
 
 
 def generic_layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor):
