@@ -324,7 +324,8 @@ def driver(args) -> None:
             r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
             line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                print(f"{method} M={micro}: failed\n{r.stderr[-2000:]}")
+                errors = [x for x in r.stderr.splitlines() if "Error" in x or "error" in x]
+                print(f"{method:>13s} M={micro}: not run: {errors[-1] if errors else r.stderr}")
                 continue
             res = json.loads(line[7:])
             link = link or res.get("link")
@@ -371,7 +372,7 @@ def driver(args) -> None:
         c = {k: v * m for k, v in costs_mb[m].items()}
         pred = simulate(res["method"], args.nproc, m, c, bps, link_for(m))
         print(f"{res['method']:>13s} M={m}: predicted {1e3 * pred:8.1f} ms, measured "
-              f"{res['ms']:8.1f} ms ({100 * (pred / res['ms'] - 1):+.0f}%)")
+              f"{res['ms']:8.1f} ms ({100 * (1e3 * pred / res['ms'] - 1):+.0f}%)")
     print("\n## schedule model extrapolated: 64 blocks of this width, M = 8, ms per mini-batch")
     c = {k: v * 8 for k, v in costs_mb.get(8, costs).items()}
     print(f"{'P':>4s} " + " ".join(f"{m:>13s}" for m in ("grape", "grape-stream", "bp-1f1b",

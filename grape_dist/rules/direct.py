@@ -37,6 +37,7 @@ class _Stash:
     """What one micro-batch leaves on this stage until its signal arrives."""
 
     outputs: list[torch.Tensor] = field(default_factory=list)  # block outputs, with local graphs
+    dense: dict[int, torch.Tensor] = field(default_factory=dict)  # dense blocks' Linear inputs
     # GrAPE: per hidden block, the tangent direction p (activation space) or u / (|x|^2+1)
     # (weight space), on the first m samples.
     directions: dict[int, torch.Tensor] = field(default_factory=dict)
@@ -74,6 +75,9 @@ class DirectFeedbackRule(StageRule):
         if grape is not None and self.B:
             self.b_optimizer = b_optimizer_factory(list(self.B.values()))
             self.space = {i: _choose_space(blocks[i - first], grape.tangent_space) for i in self.B}
+        # Blocks whose local update has a closed form (Linear + activation): updated in one
+        # GEMM over all micro-batches instead of one autograd backward per micro-batch.
+        self._dense = [_dense_parts(b) for b in blocks]
         self._stash: dict[int, _Stash] = {}
         self._jhat: dict[int, torch.Tensor] = {}
         self._noise_step = -1
@@ -92,11 +96,16 @@ class DirectFeedbackRule(StageRule):
         for offset, block in enumerate(self.blocks):
             i = self.first + offset
             x_in = x.detach()
-            with torch.enable_grad():
-                if i in self.B and self.grape is not None and self.space[i] == "weight":
-                    y, tangents = self._weight_space_forward(block, i, mb, x_in, tangents, m, stash)
-                else:
-                    y, tangents = block_forward(block, x_in, tangents)
+            weight_space = i in self.B and self.grape is not None and self.space[i] == "weight"
+            if self._dense[offset] is not None and not weight_space:
+                y, tangents = self._dense_forward(offset, x_in, tangents, stash)
+            else:
+                with torch.enable_grad():
+                    if weight_space:
+                        y, tangents = self._weight_space_forward(block, i, mb, x_in, tangents,
+                                                                 m, stash)
+                    else:
+                        y, tangents = block_forward(block, x_in, tangents)
             if i in self.B and self.grape is not None and self.space[i] == "activation":
                 p = self._activation_noise(i, mb, block.out_shape)[:m]
                 stash.directions[i] = p
@@ -104,6 +113,19 @@ class DirectFeedbackRule(StageRule):
             stash.outputs.append(y)
             x = y
         return x.detach(), tangents
+
+    @torch.no_grad()
+    def _dense_forward(self, offset: int, x: torch.Tensor, tangents, stash: _Stash):
+        """A [Flatten] Linear [ReLU|Tanh] block without an autograd graph: its update is
+        computed in closed form over all micro-batches at once (`_dense_update`)."""
+        pre, linear, act = self._dense[offset]
+        for layer in pre:
+            x, tangents = layer_forward(layer, x, tangents)
+        y, tangents = layer_forward(linear, x, tangents)
+        if act is not None:
+            y, tangents = layer_forward(act, y, tangents)
+        stash.dense[offset] = x
+        return y, tangents
 
     def _route(self, tangents: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
         """Add block l's own tangent: a new stream (per-block) or onto the single stream."""
@@ -220,6 +242,7 @@ class DirectFeedbackRule(StageRule):
     def _local_backward(self, stashes: list[_Stash]) -> None:
         """Each block's projected signal, backpropagated through that block only."""
         outputs, grads = [], []
+        dense: dict[int, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for stash in stashes:
             if stash.signal is None:
                 raise RuntimeError("a micro-batch got no output signal before finish_step")
@@ -230,10 +253,29 @@ class DirectFeedbackRule(StageRule):
                     delta = stash.signal.error
                 else:
                     delta = (src @ self.B[i]).reshape(y.shape)
-                outputs.append(y)
-                grads.append(delta)
+                if offset in stash.dense:
+                    dense.setdefault(offset, []).append((stash.dense[offset], y, delta))
+                else:
+                    outputs.append(y)
+                    grads.append(delta)
         if outputs:
             torch.autograd.backward(outputs, grads)
+        for offset, parts in dense.items():
+            self._dense_update(offset, *(torch.cat(t) for t in zip(*parts)))
+
+    @torch.no_grad()
+    def _dense_update(self, offset: int, x: torch.Tensor, y: torch.Tensor,
+                      delta: torch.Tensor) -> None:
+        """The local backward of a dense block over all its micro-batches in one GEMM:
+        delta_a = delta_h * act'(a) (from the output y), dW = delta_a^T x, db = sum delta_a."""
+        _, linear, act = self._dense[offset]
+        if isinstance(act, nn.ReLU):
+            delta = delta * (y > 0)
+        elif isinstance(act, nn.Tanh):
+            delta = delta * (1 - y * y)
+        _accumulate_grad(linear.weight, delta.T @ x)
+        if linear.bias is not None:
+            _accumulate_grad(linear.bias, delta.sum(0))
 
     def state_dict(self) -> dict:
         state = {"B": {i: b.detach().clone() for i, b in self.B.items()}}
@@ -247,6 +289,29 @@ class DirectFeedbackRule(StageRule):
                 self.B[i].copy_(b)
         if self.b_optimizer is not None and "b_optimizer" in state:
             self.b_optimizer.load_state_dict(state["b_optimizer"])
+
+
+def _accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    p.grad = g if p.grad is None else p.grad + g
+
+
+def _dense_parts(block: nn.Module):
+    """(flatten layers, Linear, activation or None) for blocks of the form
+    [Flatten...] Linear [ReLU | Tanh] on 2-D activations; None for anything else."""
+    if not isinstance(block, nn.Sequential):
+        return None
+    layers = list(block)
+    pre = []
+    while layers and isinstance(layers[0], nn.Flatten) and layers[0].end_dim == -1 \
+            and layers[0].start_dim == 1:
+        pre.append(layers.pop(0))
+    if not layers or type(layers[0]) is not nn.Linear:
+        return None
+    linear = layers.pop(0)
+    act = layers.pop(0) if layers and type(layers[0]) in (nn.ReLU, nn.Tanh) else None
+    if layers or (act is not None and getattr(act, "inplace", False)):
+        return None
+    return pre, linear, act
 
 
 def _leading_linear(block: nn.Module) -> nn.Linear | None:
