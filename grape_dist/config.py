@@ -145,6 +145,8 @@ class TrainConfig:
     progress: bool = True
     # Write the final weights and feedback matrices to <out>/final_state.pt.
     save_final: bool = False
+    # auto: this rank's GPU (cuda:LOCAL_RANK, nccl) when there is one, else the CPU (gloo).
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 @dataclass

@@ -61,10 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         cfg.train.progress = False
 
-    from .distributed import process_group
+    from .distributed import process_group, resolve_device
     from .trainer import Trainer
 
-    with process_group(cfg.pipeline.timeout_s):
+    device = resolve_device(cfg.train.device)
+    with process_group(cfg.pipeline.timeout_s, device):
         summary = Trainer(cfg, args.out).fit()
     logging.getLogger("grape_dist").info(
         "done: rule %s final test accuracy %.4f (best %.4f), %d steps, %.1fs",

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from .config import Config, to_dict
 from .data import epoch_batches, load_image_dataset, normalize, random_batch_indices, subset_indices
+from .distributed import resolve_device
 from .metrics.alignment import alignment_metrics
 from .metrics.progress import Progress
 from .metrics.writer import RunWriter, atomic_save
@@ -78,7 +79,8 @@ def build_pipeline(cfg: Config, model: BlockModel):
         bounds = partition(model, pp, p.balance, p.stage_blocks)
     else:
         # Measured costs differ from rank to rank: use rank 0's, so all agree on the split.
-        costs = torch.tensor(block_costs(model, "time"), dtype=torch.float64)
+        costs = torch.tensor(block_costs(model, "time"), dtype=torch.float64,
+                             device=next(model.parameters()).device)
         dist.broadcast(costs, 0)
         from .distributed.partition import balanced_bounds
         bounds = balanced_bounds(costs.tolist(), pp)
@@ -117,13 +119,17 @@ class Trainer:
         self.model: BlockModel = build_model(cfg.model.name, input_shape, num_classes,
                                              cfg.model.hidden, cfg.model.channels,
                                              cfg.model.activation)
+        # The data stays on the CPU; mini-batches move to the model's device as they are used.
+        self.device = resolve_device(cfg.train.device)
+        self.model.to(self.device)
         self.pipeline, self.mesh = build_pipeline(cfg, self.model)
         self.stages = self.pipeline.stages
         self.dp = self.mesh.dp if self.mesh else 1
         self.replica = self.mesh.replica if self.mesh else 0
         probe = subset_indices(len(self.train.y), min(cfg.train.probe_batch_size,
                                                       len(self.train.y)), cfg.seed + 1)
-        self.probe = Tensors(self.train.x[probe], self.train.y[probe])
+        self.probe = Tensors(self.train.x[probe].to(self.device),
+                             self.train.y[probe].to(self.device))
         self.state = TrainState()
 
     # -- evaluation ------------------------------------------------------------------------
@@ -148,8 +154,8 @@ class Trainer:
         bs = min(self.cfg.calibration.batch_size * self.dp, len(self.train.y))
         idx = random_batch_indices(len(self.train.y), bs, self.cfg.seed, epoch)
         rows, offset, total = self._replica_rows(idx)
-        self.pipeline.calibrate(self.train.x[rows], self.train.y[rows], self.state.step, offset,
-                                total)
+        self.pipeline.calibrate(self.train.x[rows].to(self.device),
+                                self.train.y[rows].to(self.device), self.state.step, offset, total)
         self.state.calibrations.append(CalibrationEvent(epoch, self.state.step, len(idx)))
 
     def train_epoch(self, epoch: int) -> tuple[float, float, dict[str, float]]:
@@ -163,7 +169,8 @@ class Trainer:
         stats_sum: dict[str, float] = {}
         for idx in batches:
             rows, offset, total = self._replica_rows(idx)
-            r = self.pipeline.train_step(self.train.x[rows], self.train.y[rows], self.state.step,
+            r = self.pipeline.train_step(self.train.x[rows].to(self.device),
+                                         self.train.y[rows].to(self.device), self.state.step,
                                          offset, total)
             self.state.step += 1
             loss += r.loss_sum

@@ -15,7 +15,7 @@ _HEADER = 32  # int64 slots: [n, (dtype, ndim, dims...)*]
 _DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.int64, torch.bool]
 
 
-def _header(tensors: list[torch.Tensor | None]) -> torch.Tensor:
+def _header(tensors: list[torch.Tensor | None], device: torch.device) -> torch.Tensor:
     h = [len(tensors)]
     for t in tensors:
         if t is None:
@@ -24,7 +24,7 @@ def _header(tensors: list[torch.Tensor | None]) -> torch.Tensor:
             h += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
     if len(h) > _HEADER:
         raise ValueError(f"too many dims to describe in a {_HEADER}-slot header")
-    return torch.tensor(h + [0] * (_HEADER - len(h)), dtype=torch.int64)
+    return torch.tensor(h + [0] * (_HEADER - len(h)), dtype=torch.int64, device=device)
 
 
 def _parse(header: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...]] | None]:
@@ -40,19 +40,21 @@ def _parse(header: torch.Tensor) -> list[tuple[torch.dtype, tuple[int, ...]] | N
     return out
 
 
-def isend(tensors: list[torch.Tensor | None], dst: int) -> list:
-    """Start sending `tensors` to rank `dst`; returns the works to wait on."""
-    ops = [dist.P2POp(dist.isend, _header(tensors), dst)]
+def isend(tensors: list[torch.Tensor | None], dst: int,
+          device: torch.device | str = "cpu") -> list:
+    """Start sending `tensors` (on `device`: CUDA for nccl) to rank `dst`; returns the works
+    to wait on."""
+    ops = [dist.P2POp(dist.isend, _header(tensors, torch.device(device)), dst)]
     ops += [dist.P2POp(dist.isend, t.contiguous(), dst) for t in tensors if t is not None]
     return dist.batch_isend_irecv(ops)
 
 
-def recv(src: int) -> list[torch.Tensor | None]:
-    """Receive what `isend` sent from rank `src`."""
-    header = torch.empty(_HEADER, dtype=torch.int64)
+def recv(src: int, device: torch.device | str = "cpu") -> list[torch.Tensor | None]:
+    """Receive what `isend` sent from rank `src`, into tensors on `device`."""
+    header = torch.empty(_HEADER, dtype=torch.int64, device=device)
     dist.recv(header, src)
     specs = _parse(header)
-    out = [None if s is None else torch.empty(s[1], dtype=s[0]) for s in specs]
+    out = [None if s is None else torch.empty(s[1], dtype=s[0], device=device) for s in specs]
     ops = [dist.P2POp(dist.irecv, t, src) for t in out if t is not None]
     if ops:
         for w in dist.batch_isend_irecv(ops):

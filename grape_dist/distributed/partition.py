@@ -65,7 +65,7 @@ def block_costs(model: BlockModel, how: str, batch: int = 32, repeats: int = 3) 
     if how == "time":
         costs = []
         with torch.no_grad():
-            h = torch.zeros(batch, *model.input_shape)
+            h = torch.zeros(batch, *model.input_shape, device=next(model.parameters()).device)
             for block in model.blocks:
                 block(h)  # warm-up
                 t0 = time.perf_counter()

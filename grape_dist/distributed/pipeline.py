@@ -40,7 +40,8 @@ def all_reduce_sum(tensors: list[torch.Tensor], group) -> None:
 
 
 def _pack(signal: OutputSignal, loss: float = 0.0, correct: int = 0) -> torch.Tensor:
-    parts = [torch.tensor([loss, float(correct)], dtype=torch.float64),
+    parts = [torch.tensor([loss, float(correct)], dtype=torch.float64,
+                          device=signal.error.device),
              signal.error.reshape(-1).double()]
     if signal.tangents is not None:
         parts.append(signal.tangents.reshape(-1).double())
@@ -56,6 +57,7 @@ class DistributedPipeline:
         self.mesh = mesh
         self.micro_batches = micro_batches
         self.num_classes = num_classes
+        self.device = stage.rule.device
         self.prev = mesh.rank_of(mesh.stage - 1) if not mesh.is_first else None
         self.next = mesh.rank_of(mesh.stage + 1) if not mesh.is_last else None
         self.last = mesh.rank_of(mesh.pp - 1)
@@ -77,7 +79,7 @@ class DistributedPipeline:
     def _mini_batch(self, rule: StageRule, x, y, step, offset, total) -> StepResult:
         mbs = [MicroBatch(step, j, offset + start, size, total)
                for j, (start, size) in enumerate(split_micro_batches(len(y), self.micro_batches))]
-        stats = torch.zeros(2, dtype=torch.float64)  # summed loss, correct
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, correct
         signals: list[OutputSignal | None] = [None] * len(mbs)
         streaming = rule.streaming and not rule.sequential_backward
         # Streaming: a micro-batch's signal is consumed once the pipeline has had time to
@@ -93,13 +95,13 @@ class DistributedPipeline:
             if self.prev is None:
                 h, t = x[rows], None
             else:
-                h, t = p2p.recv(self.prev)
+                h, t = p2p.recv(self.prev, self.device)
             h, t = rule.forward(mb, h, t)
             if self.next is not None:
-                sends += p2p.isend([h, t], self.next)
+                sends += p2p.isend([h, t], self.next, self.device)
             else:
                 loss, correct, signals[mb.index] = output_signal(h, y[rows], total, t)
-                stats += torch.tensor([loss, correct], dtype=torch.float64)
+                stats += torch.tensor([loss, correct], dtype=torch.float64, device=self.device)
                 if streaming:
                     packets[mb.index] = self._post_signal(rule, mb, signals[mb.index], loss,
                                                           correct)
@@ -116,7 +118,7 @@ class DistributedPipeline:
         elif not streaming:
             flat = torch.cat([stats] + [_pack(s) for s in signals]) if self.next is None \
                 else torch.empty(2 + sum(self._packet_size(rule, mb) for mb in mbs),
-                                 dtype=torch.float64)
+                                 dtype=torch.float64, device=self.device)
             dist.broadcast(flat, self.last, group=self.mesh.pipeline_group)
             stats, pos = flat[:2].clone(), 2
             for mb in mbs:
@@ -147,7 +149,7 @@ class DistributedPipeline:
         if signal is not None:
             buf = _pack(signal, loss, correct)
         else:
-            buf = torch.empty(self._packet_size(rule, mb), dtype=torch.float64)
+            buf = torch.empty(self._packet_size(rule, mb), dtype=torch.float64, device=self.device)
         work = dist.broadcast(buf, self.last, group=self.mesh.pipeline_group, async_op=True)
         return buf, work
 
@@ -156,7 +158,9 @@ class DistributedPipeline:
         work.wait()
         rule.backward(mb, self._unpack(rule, mb, buf, y, offset), None)
         # Stats come with the packet: counted once, by the stages that are not the last.
-        return buf[:2].clone() if self.next is not None else torch.zeros(2, dtype=torch.float64)
+        if self.next is None:
+            return torch.zeros(2, dtype=torch.float64, device=self.device)
+        return buf[:2].clone()
 
     def _unpack(self, rule, mb: MicroBatch, buf: torch.Tensor, y, offset) -> OutputSignal:
         c = self.num_classes
@@ -172,19 +176,19 @@ class DistributedPipeline:
     def _sequential_backward(self, rule: StageRule, mbs, signals) -> None:
         sends = []
         for mb in reversed(mbs):
-            grad = None if self.next is None else p2p.recv(self.next)[0]
+            grad = None if self.next is None else p2p.recv(self.next, self.device)[0]
             g_in = rule.backward(mb, signals[mb.index], grad)
             if self.prev is not None:
-                sends += p2p.isend([g_in], self.prev)
+                sends += p2p.isend([g_in], self.prev, self.device)
         p2p.wait_all(sends)
 
     def _modulated_pass(self, rule: StageRule, mbs, signals) -> None:
         sends = []
         for mb in mbs:
-            h = None if self.prev is None else p2p.recv(self.prev)[0]
+            h = None if self.prev is None else p2p.recv(self.prev, self.device)[0]
             h = rule.modulated_forward(mb, signals[mb.index], h)
             if self.next is not None:
-                sends += p2p.isend([h], self.next)
+                sends += p2p.isend([h], self.next, self.device)
         p2p.wait_all(sends)
 
     # -- evaluation and state ----------------------------------------------------------------
@@ -192,17 +196,19 @@ class DistributedPipeline:
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, int]:
         """(summed loss, correct) over (x, y), chunks shared out across replicas."""
-        stats = torch.zeros(2, dtype=torch.float64)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         chunks = list(range(0, len(y), batch_size))[self.mesh.replica::self.mesh.dp]
         sends = []
         for start in chunks:
-            h = x[start:start + batch_size] if self.prev is None else p2p.recv(self.prev)[0]
+            h = (x[start:start + batch_size].to(self.device) if self.prev is None
+                 else p2p.recv(self.prev, self.device)[0])
             h = self.stage.rule.infer(h)
             if self.next is not None:
-                sends += p2p.isend([h], self.next)
+                sends += p2p.isend([h], self.next, self.device)
             else:
-                loss, correct, _ = output_signal(h, y[start:start + batch_size], 1, None)
-                stats += torch.tensor([loss, correct], dtype=torch.float64)
+                loss, correct, _ = output_signal(h, y[start:start + batch_size].to(self.device),
+                                                 1, None)
+                stats += torch.tensor([loss, correct], dtype=torch.float64, device=self.device)
         p2p.wait_all(sends)
         dist.all_reduce(stats)  # only last stages hold non-zero sums
         return float(stats[0]), int(stats[1])
@@ -221,9 +227,11 @@ class DistributedPipeline:
         matrices on rank 0 (None elsewhere)."""
         mine = None
         if self.mesh.replica == 0:
-            blocks = {i: {k: v.detach().clone() for k, v in model.blocks[i].named_parameters()}
+            # On the CPU: objects are pickled, and a CUDA tensor would come back on the
+            # sender's device index.
+            blocks = {i: {k: v.detach().cpu() for k, v in model.blocks[i].named_parameters()}
                       for i in range(self.stage.first, self.stage.last)}
-            mine = (blocks, self.stage.rule.feedback_matrices())
+            mine = (blocks, {i: b.cpu() for i, b in self.stage.rule.feedback_matrices().items()})
         gathered = [None] * dist.get_world_size() if self.mesh.rank == 0 else None
         dist.gather_object(mine, gathered, dst=0)
         if self.mesh.rank != 0:
@@ -237,5 +245,5 @@ class DistributedPipeline:
                 for i, params in blocks.items():
                     for k, p in model.blocks[i].named_parameters():
                         p.copy_(params[k])
-                feedback.update(fb)
+                feedback.update({i: b.to(self.device) for i, b in fb.items()})
         return feedback

@@ -112,8 +112,8 @@ class TorchScheduledPipeline(DistributedPipeline):
     def _torch_stage(self, model, first, last, index, num_stages, mb, dtype):
         module = nn.Sequential(*list(model.blocks)[first:last])
         example = torch.zeros(mb, *_input_shape(model, first), dtype=dtype,
-                              requires_grad=first > 0)
-        return PipelineStage(module, index, num_stages, torch.device("cpu"),
+                              device=self.device, requires_grad=first > 0)
+        return PipelineStage(module, index, num_stages, self.device,
                              input_args=(example,), group=self.mesh.pipeline_group)
 
     def train_step(self, x, y, step: int, offset: int = 0, total: int | None = None):
@@ -122,10 +122,10 @@ class TorchScheduledPipeline(DistributedPipeline):
         if self.holds_output:
             kwargs = {"target": y, "losses": losses}
         # Torch checks strides against the example input; size-1 dims can carry any stride.
-        args = (torch.empty(x.shape, dtype=x.dtype).copy_(x),) if self.first_rank_holds_input \
-            else ()
+        args = (torch.empty(x.shape, dtype=x.dtype, device=self.device).copy_(x),) \
+            if self.first_rank_holds_input else ()
         out = self.schedule.step(*args, **kwargs)
-        stats = torch.zeros(2, dtype=torch.float64)
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         if self.holds_output:
             # Per-micro-batch mean losses -> the summed loss over the mini-batch.
             stats[0] = float(sum(float(v) for v in losses)) * len(y) / len(losses)

@@ -38,7 +38,8 @@ def alignment_metrics(
         loss = F.cross_entropy(logits, y)
         # Exact batch-summed Jacobians first (they need the graph), then the loss gradient.
         ids = sorted(feedback)
-        jac = {i: torch.zeros(logits.shape[1], blocks[i].out_features) for i in ids}
+        jac = {i: torch.zeros(logits.shape[1], blocks[i].out_features, device=x.device)
+               for i in ids}
         for c in range(logits.shape[1]):
             grads = torch.autograd.grad(logits[:, c].sum(), [hs[i] for i in ids],
                                         retain_graph=True)
@@ -54,7 +55,7 @@ def alignment_metrics(
         g = true_grad.reshape(len(y), -1)
         cos = F.cosine_similarity(proj, g, dim=1, eps=1e-12)
         live = g.norm(dim=1) > 0
-        p = torch.randn(hs[i].shape, generator=keyed_generator(seed, "probe", i))
+        p = torch.randn(hs[i].shape, generator=keyed_generator(seed, "probe", i)).to(x.device)
         gt = push_tangents(blocks[i + 1:], hs[i].detach(), p.unsqueeze(0))[0]
         out[blocks[i].name] = {
             "grad_cos": float(cos[live].mean()) if live.any() else 0.0,

@@ -126,4 +126,4 @@ def convert_to_fa(blocks: list[Block], first: int, seed: int) -> None:
                 bound = 1 / math.sqrt(fan_in)
                 fb = (torch.rand(layer.weight.shape, generator=gen) * 2 - 1) * bound
                 layer.__class__ = FALinear if type(layer) is nn.Linear else FAConv2d
-                layer.register_buffer("feedback", fb)
+                layer.register_buffer("feedback", fb.to(layer.weight.device))

@@ -99,6 +99,13 @@ class StageRule:
     def is_output(self, index: int) -> bool:
         return index == self.num_blocks - 1
 
+    @property
+    def device(self) -> torch.device:
+        """Where this stage's weights live (random draws are made on the CPU, then moved, so a
+        seed gives the same numbers on any device)."""
+        return next((p.device for b in self.blocks for p in b.parameters()),
+                    torch.device("cpu"))
+
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for b in self.blocks for p in b.parameters()]
 

@@ -69,7 +69,8 @@ class DirectFeedbackRule(StageRule):
         self.needs_tangents = grape is not None
         # B_l as leaf parameters so that a torch optimiser can step them; they never enter an
         # autograd graph (gradients come from the closed form of eq. 17).
-        self.B = {i: nn.Parameter(b.clone(), requires_grad=False) for i, b in feedback.items()}
+        self.B = {i: nn.Parameter(b.clone().to(self.device), requires_grad=False)
+                  for i, b in feedback.items()}
         self.b_optimizer = None
         self.space: dict[int, str] = {}
         if grape is not None and self.B:
@@ -147,11 +148,11 @@ class DirectFeedbackRule(StageRule):
         if self.grape.tangent_samples:
             m = min(mb.size, self.grape.tangent_samples)
             gen = keyed_generator(self.seed, "tangent", mb.step, i, mb.start)
-            return torch.randn(m, *shape, generator=gen)
+            return torch.randn(m, *shape, generator=gen).to(self.device)
         self._refresh_noise(mb.step)
         if i not in self._noise:
             gen = keyed_generator(self.seed, "tangent", mb.step, i)
-            self._noise[i] = torch.randn(mb.total, *shape, generator=gen)
+            self._noise[i] = torch.randn(mb.total, *shape, generator=gen).to(self.device)
         return self._noise[i][mb.start:mb.start + mb.size]
 
     def _weight_space_forward(self, block, i, mb, x, tangents, m, stash):
@@ -168,8 +169,9 @@ class DirectFeedbackRule(StageRule):
                 seen_linear = True
                 if i not in self._noise:
                     gen = keyed_generator(self.seed, "tangent", mb.step, i)
-                    self._noise[i] = (torch.randn(layer.weight.shape, generator=gen),
-                                      torch.randn(layer.out_features, generator=gen))
+                    self._noise[i] = (
+                        torch.randn(layer.weight.shape, generator=gen).to(self.device),
+                        torch.randn(layer.out_features, generator=gen).to(self.device))
                 p, q = self._noise[i]
                 xm = x[:m].detach()
                 u = xm @ p.T + q

@@ -41,8 +41,8 @@ class PepitaRule(StageRule):
         self.input_shape = input_shape
         d_in = math.prod(input_shape)
         bound = f_scale * math.sqrt(6 / d_in)
-        self.F = (torch.rand(d_in, d_out, generator=keyed_generator(seed, "pepita_F")) * 2 - 1) \
-            * bound
+        self.F = ((torch.rand(d_in, d_out, generator=keyed_generator(seed, "pepita_F")) * 2 - 1)
+                  * bound).to(self.device)
         self._stash: dict[int, tuple[torch.Tensor, list[torch.Tensor]]] = {}
 
     @torch.no_grad()

@@ -89,11 +89,12 @@ class LocalPipeline:
 
     @torch.no_grad()
     def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, int]:
-        """(summed loss, correct) over (x, y)."""
+        """(summed loss, correct) over (x, y), moved chunk by chunk to the model's device."""
         loss, correct = 0.0, 0
+        device = self.stages[0].rule.device
         for start in range(0, len(y), batch_size):
-            logits = self.infer(x[start:start + batch_size])
-            l_sum, c, _ = output_signal(logits, y[start:start + batch_size], 1, None)
+            logits = self.infer(x[start:start + batch_size].to(device))
+            l_sum, c, _ = output_signal(logits, y[start:start + batch_size].to(device), 1, None)
             loss += l_sum
             correct += c
         return loss, correct
