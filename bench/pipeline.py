@@ -81,6 +81,7 @@ def _rss_mb() -> float:
 def worker(args) -> None:
     import torch.distributed as dist
 
+    from grape_dist.distributed import backend_for, resolve_device
     from grape_dist.distributed.mesh import Mesh
     from grape_dist.distributed.partition import partition
     from grape_dist.distributed.pipeline import DistributedPipeline
@@ -89,10 +90,11 @@ def worker(args) -> None:
     from grape_dist.runtime import build_stages
 
     torch.set_num_threads(args.threads)
-    dist.init_process_group("gloo")
+    device = resolve_device(args.device)
+    dist.init_process_group(backend_for(device))
     world = dist.get_world_size()
     cfg = _config(args.method, args, args.micro)
-    model = deep_mlp(args.blocks, args.width)
+    model = deep_mlp(args.blocks, args.width).to(device)
     mesh = Mesh.create(world, 1)
     bounds = partition(model, world, "params")
     stage = build_stages(cfg, model, bounds, only=mesh.stage)[0]
@@ -102,22 +104,34 @@ def worker(args) -> None:
     else:
         pipe = DistributedPipeline(stage, mesh, args.micro, 10)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, args.width, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
+    x = torch.randn(args.batch, args.width, generator=g).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    cuda = device.type == "cuda"
     dist.barrier()
     rss0 = _rss_mb()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        mem0 = torch.cuda.memory_allocated(device) / 2**20
     times = []
     for step in range(args.warmup + args.steps):
         dist.barrier()
         t0 = time.perf_counter()
         pipe.train_step(x, y, step)
-        t = torch.tensor([time.perf_counter() - t0])
+        if cuda:
+            torch.cuda.synchronize(device)
+        t = torch.tensor([time.perf_counter() - t0], device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         if step >= args.warmup:
             times.append(float(t))
-    peak = torch.tensor([resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0])
-    peaks = [torch.zeros(1) for _ in range(world)]
+    # Peak memory: GPU allocator high-water mark on CUDA, RSS growth on the CPU.
+    if cuda:
+        peak_mb = torch.cuda.max_memory_allocated(device) / 2**20 - mem0
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - rss0
+    peak = torch.tensor([peak_mb], device=device)
+    peaks = [torch.zeros(1, device=device) for _ in range(world)]
     dist.all_gather(peaks, peak)
+    args.device_resolved = device
     link = _link_cost(args, dist) if args.measure_link else None
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({
@@ -135,17 +149,17 @@ def _link_cost(args, dist) -> dict | None:
     from grape_dist.distributed import p2p
     out = {}
     for n in (1, args.batch * args.width // args.micro, 4 * args.batch * args.width):
-        buf = torch.zeros(n)
+        buf = torch.zeros(n, device=args.device_resolved)
         ts = []
         for _ in range(12):
             dist.barrier()
             t0 = time.perf_counter()
             if dist.get_rank() == 0:
-                p2p.wait_all(p2p.isend([buf], 1))
-                p2p.recv(1)
+                p2p.wait_all(p2p.isend([buf], 1, buf.device))
+                p2p.recv(1, buf.device)
             elif dist.get_rank() == 1:
-                p2p.recv(0)
-                p2p.wait_all(p2p.isend([buf], 0))
+                p2p.recv(0, buf.device)
+                p2p.wait_all(p2p.isend([buf], 0, buf.device))
             ts.append((time.perf_counter() - t0) / 2)
         out[n * 4] = statistics.median(ts[2:])
     return out
@@ -155,23 +169,33 @@ def _link_cost(args, dist) -> dict | None:
 # Per-block costs on one thread, for the schedule model.
 
 
+def _sync() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def _median_s(fn, n: int = 10) -> float:
     for _ in range(3):
         fn()
     ts = []
     for _ in range(n):
+        _sync()
         t0 = time.perf_counter()
         fn()
+        _sync()
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts)
 
 
 def block_costs(args, mb: int) -> dict[str, float]:
     """Seconds per micro-batch of `mb` rows for one hidden block (and one optimiser step)."""
+    from grape_dist.distributed import resolve_device
+
     torch.set_num_threads(args.threads)
-    model = deep_mlp(1, args.width)
+    device = resolve_device(args.device)
+    model = deep_mlp(1, args.width).to(device)
     block = model.blocks[0]
-    x = torch.randn(mb, args.width)
+    x = torch.randn(mb, args.width, device=device)
     out: dict[str, float] = {}
 
     def fwd():
@@ -184,8 +208,8 @@ def block_costs(args, mb: int) -> dict[str, float]:
     # BP's backward: the input gradient (for the previous block) and the weight gradients.
     out["bwd"] = _median_s(lambda: torch.autograd.grad(h, [xg, *block.parameters()], grad,
                                                        retain_graph=True))
-    grape = build_stage_rule(_config("grape", args, 1), deep_mlp(2, args.width), 0, 1)
-    dfa = build_stage_rule(_config("dfa", args, 1), deep_mlp(2, args.width), 0, 1)
+    grape = build_stage_rule(_config("grape", args, 1), deep_mlp(2, args.width).to(device), 0, 1)
+    dfa = build_stage_rule(_config("dfa", args, 1), deep_mlp(2, args.width).to(device), 0, 1)
     dfa.streaming = True  # backward() then runs the local update at once
     counter = iter(range(10**9))
     m = min(mb, args.tangent_samples or mb)
@@ -193,17 +217,20 @@ def block_costs(args, mb: int) -> dict[str, float]:
     def fwd_tangent():
         grape.reset_step()
         mbd = MicroBatch(next(counter), 0, 0, mb, mb)
-        return grape.forward(mbd, x, torch.randn(1, m, args.width))
+        return grape.forward(mbd, x, torch.randn(1, m, args.width, device=device))
 
     out["fwd_jvp"] = _median_s(fwd_tangent)
-    _, _, sig = output_signal(torch.randn(mb, 10), torch.randint(0, 10, (mb,)), mb, None)
+    _, _, sig = output_signal(torch.randn(mb, 10, device=device),
+                              torch.randint(0, 10, (mb,), device=device), mb, None)
 
     def update():
         dfa.reset_step()
         mbd = MicroBatch(0, 0, 0, mb, mb)
         dfa.forward(mbd, x, None)
+        _sync()
         t0 = time.perf_counter()
         dfa.backward(mbd, sig, None)
+        _sync()
         return time.perf_counter() - t0
 
     for _ in range(3):
@@ -303,7 +330,8 @@ def simulate(method: str, P: int, M: int, c: dict[str, float], blocks_per_stage:
 def driver(args) -> None:
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    print(f"# {platform.machine()}, torch {torch.__version__}, gloo, P={args.nproc} ranks x "
+    backend = "nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo"
+    print(f"# {platform.machine()}, torch {torch.__version__}, {backend}, P={args.nproc} ranks x "
           f"{args.threads} thread(s), deep MLP {args.blocks} x Linear({args.width})+ReLU + head, "
           f"batch {args.batch}, tangents: routing={args.routing} m={args.tangent_samples or 'all'}"
           f", SGD(0.9); median of {args.steps} steps after {args.warmup} warm-up")
@@ -318,6 +346,7 @@ def driver(args) -> None:
                                               ("width", args.width), ("threads", args.threads),
                                               ("steps", args.steps), ("warmup", args.warmup),
                                               ("routing", args.routing),
+                                              ("device", args.device),
                                               ("tangent_samples", args.tangent_samples))]
             if link is None and args.nproc > 1:
                 cmd.append("--measure_link")
@@ -390,6 +419,7 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--device", default="auto", help="auto (GPU + nccl if present), cpu, cuda")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--blocks", type=int, default=8)
     p.add_argument("--width", type=int, default=1024)
