@@ -46,13 +46,20 @@ def main(argv: list[str] | None = None) -> int:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     from .distributed.mesh import MeshError, check_mesh
+    from .distributed.partition import PartitionError, explicit_bounds
     from .trainer import num_blocks
 
     if world_size > 1:
         try:
             # Every rank checks the same thing, so all of them stop before joining the group.
-            check_mesh(world_size, cfg.pipeline.pp, cfg.pipeline.dp, num_blocks(cfg))
-        except MeshError as exc:
+            pp, _ = check_mesh(world_size, cfg.pipeline.pp, cfg.pipeline.dp, num_blocks(cfg))
+            if cfg.pipeline.stage_blocks:
+                sizes = cfg.pipeline.stage_blocks
+                if len(sizes) != pp:
+                    raise PartitionError(f"pipeline.stage_blocks has {len(sizes)} entries for "
+                                         f"{pp} stages")
+                explicit_bounds(sizes, num_blocks(cfg))
+        except (MeshError, PartitionError) as exc:
             # Every rank says it: torchrun may stop the others before rank 0 gets to print.
             print(f"config error (rank {rank}): {exc}", file=sys.stderr, flush=True)
             return 2

@@ -96,6 +96,8 @@ def test_explicit_uneven_stage_split(tmp_path):
     (3, ["model.hidden=[32]"], "pipeline.pp=3 stages but the model has only 2 blocks"),
     (3, ["pipeline.dp=2"], "WORLD_SIZE=3 is not a multiple of pipeline.dp=2"),
     (2, ["pipeline.pp=3"], "pipeline.pp=3 x pipeline.dp=1 = 3 ranks, but WORLD_SIZE=2"),
+    (2, ["pipeline.stage_blocks=[2,1]"], "must be positive block counts summing to the "
+                                         "model's 4 blocks"),
 ])
 def test_mesh_errors_stop_every_rank_before_training(nproc, overrides, match, tmp_path):
     r = torchrun(nproc, tmp_path / "bad", "rule=dfa", "train.epochs=1", *overrides)
