@@ -59,13 +59,23 @@ def _build(model_name: str, rule_overrides: list[str], batch: int):
     return cfg, model, shape
 
 
-def step_time(model_name: str, rule: str, batch: int, warmup: int, steps: int) -> float:
-    cfg, model, shape = _build(model_name, RULES[rule], batch)
-    pipe = LocalPipeline(build_stages(cfg, model, [(0, len(model.blocks))]))
-    x = torch.randn(batch, *shape)
-    y = torch.randint(0, 10, (batch,))
-    counter = iter(range(10**9))
-    return _median_ms(lambda: pipe.train_step(x, y, next(counter)), warmup, steps)
+def step_times(model_name: str, batch: int, warmup: int, steps: int) -> dict[str, float]:
+    """Median step time of every rule, measured round-robin (one step of each rule per round)
+    so that machine noise falls on all rules alike."""
+    pipes, x, y = {}, None, None
+    for rule, overrides in RULES.items():
+        cfg, model, shape = _build(model_name, overrides, batch)
+        pipes[rule] = LocalPipeline(build_stages(cfg, model, [(0, len(model.blocks))]))
+        x = torch.randn(batch, *shape)
+        y = torch.randint(0, 10, (batch,))
+    times: dict[str, list[float]] = {rule: [] for rule in pipes}
+    for step in range(warmup + steps):
+        for rule, pipe in pipes.items():
+            t0 = time.perf_counter()
+            pipe.train_step(x, y, step)
+            if step >= warmup:
+                times[rule].append(time.perf_counter() - t0)
+    return {rule: 1e3 * statistics.median(ts) for rule, ts in times.items()}
 
 
 def forward_times(model_name: str, batch: int, warmup: int, steps: int) -> dict[str, float]:
@@ -141,11 +151,9 @@ def main() -> None:
           f"threads={torch.get_num_threads()}, batch={args.batch}, median of {args.steps} steps")
     for name in args.models.split(","):
         print(f"\n## {name}: per-step time (ms) and ratio to BP")
-        bp = None
-        for rule in RULES:
-            ms = step_time(name, rule, args.batch, args.warmup, args.steps)
-            bp = bp or ms
-            print(f"{rule:>20s} {ms:8.2f} ms   x{ms / bp:5.2f}")
+        times = step_times(name, args.batch, args.warmup, args.steps)
+        for rule, ms in times.items():
+            print(f"{rule:>20s} {ms:8.2f} ms   x{ms / times['bp']:5.2f}")
         print(f"\n## {name}: forward with tangents (ms) and ratio to the plain forward")
         fw = forward_times(name, args.batch, args.warmup, args.steps)
         for k, v in fw.items():

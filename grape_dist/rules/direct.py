@@ -263,7 +263,8 @@ class DirectFeedbackRule(StageRule):
         if outputs:
             torch.autograd.backward(outputs, grads)
         for offset, parts in dense.items():
-            self._dense_update(offset, *(torch.cat(t) for t in zip(*parts)))
+            self._dense_update(offset, *(t[0] if len(t) == 1 else torch.cat(t)
+                                         for t in zip(*parts)))
 
     @torch.no_grad()
     def _dense_update(self, offset: int, x: torch.Tensor, y: torch.Tensor,
@@ -271,11 +272,16 @@ class DirectFeedbackRule(StageRule):
         """The local backward of a dense block over all its micro-batches in one GEMM:
         delta_a = delta_h * act'(a) (from the output y), dW = delta_a^T x, db = sum delta_a."""
         _, linear, act = self._dense[offset]
+        # The activation derivatives autograd itself uses, from the output y.
         if isinstance(act, nn.ReLU):
-            delta = delta * (y > 0)
+            delta = torch.ops.aten.threshold_backward(delta, y, 0)
         elif isinstance(act, nn.Tanh):
-            delta = delta * (1 - y * y)
-        _accumulate_grad(linear.weight, delta.T @ x)
+            delta = torch.ops.aten.tanh_backward(delta, y)
+        w = linear.weight
+        if w.grad is None:
+            w.grad = delta.T @ x
+        else:
+            w.grad.addmm_(delta.T, x)  # in place: no temporary of the weight's size
         if linear.bias is not None:
             _accumulate_grad(linear.bias, delta.sum(0))
 
@@ -294,7 +300,10 @@ class DirectFeedbackRule(StageRule):
 
 
 def _accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-    p.grad = g if p.grad is None else p.grad + g
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)
 
 
 def _dense_parts(block: nn.Module):

@@ -87,4 +87,7 @@ class PepitaRule(StageRule):
 
 
 def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
-    p.grad = g.clone() if p.grad is None else p.grad + g
+    if p.grad is None:
+        p.grad = g.clone()
+    else:
+        p.grad.add_(g)
