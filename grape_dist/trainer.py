@@ -246,6 +246,9 @@ class Trainer:
         feedback = self.pipeline.gather_model(self.model)
         if self.out_dir is None:
             return
-        state = {"model": self.model.state_dict(), "feedback": feedback,
+        # Parameters only: they are what the stages gathered (FA's fixed matrices, for
+        # instance, exist only on the rank that uses them).
+        params = {k: v.detach().cpu() for k, v in self.model.named_parameters()}
+        state = {"model": params, "feedback": {i: b.cpu() for i, b in feedback.items()},
                  "step": self.state.step, "epoch": self.state.epoch}
         atomic_save(state, self.out_dir / "final_state.pt")

@@ -140,3 +140,12 @@ def test_streaming_signals_match_one_process(rule, tmp_path):
         sync = load(tmp_path / "sync")
         assert not torch.allclose(sync[0]["model"]["blocks.0.1.weight"],
                                   ref[0]["model"]["blocks.0.1.weight"])
+
+
+@pytest.mark.parametrize("rule", ["fa", "drtp", "pepita"])
+def test_other_rules_on_two_ranks_match_one_process(rule, tmp_path):
+    r = torchrun(1, tmp_path / "one", f"rule={rule}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = torchrun(2, tmp_path / "two", f"rule={rule}")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_run(load(tmp_path / "one"), load(tmp_path / "two"))

@@ -48,7 +48,6 @@ class TorchScheduledPipeline(DistributedPipeline):
             raise ValueError(f"torch schedules need equal micro-batches: data.batch_size="
                              f"{batch_size} is not divisible by pipeline.micro_batches="
                              f"{micro_batches}")
-        self.schedule_name = schedule
         mb = batch_size // micro_batches
         dtype = torch.get_default_dtype()
         self.rule = stage.rule

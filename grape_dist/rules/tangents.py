@@ -20,9 +20,6 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
-_FAST_LAYERS = (nn.Linear, nn.Conv2d, nn.ReLU, nn.Tanh, nn.MaxPool2d, nn.AvgPool2d, nn.Flatten,
-                nn.Identity)
-
 
 def _fold(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])
@@ -155,8 +152,3 @@ def push_tangents(blocks, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         for block in blocks:
             h, t = block_forward(block, h, t)
     return t
-
-
-def is_fast(block: nn.Module) -> bool:
-    """Whether every layer of `block` has a hand-written tangent rule."""
-    return isinstance(block, nn.Sequential) and all(isinstance(m, _FAST_LAYERS) for m in block)

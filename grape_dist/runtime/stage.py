@@ -17,10 +17,6 @@ class Stage:
     rule: StageRule
     calibration: BackpropRule | None  # exact BP on the same blocks, own optimiser
 
-    @property
-    def is_last(self) -> bool:
-        return self.last == self.rule.num_blocks
-
 
 def build_stages(cfg: Config, model: BlockModel, bounds: list[tuple[int, int]],
                  only: int | None = None) -> list[Stage]:
