@@ -53,6 +53,14 @@ def output_signal(
     return loss_sum, correct, OutputSignal(error, onehot, tangents, total)
 
 
+def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
+    """p.grad += g, in place (g must be a fresh tensor: it becomes p.grad when there is none)."""
+    if p.grad is None:
+        p.grad = g
+    else:
+        p.grad.add_(g)
+
+
 class StageRule:
     """A learning rule's state and update math for one stage's blocks.
 

@@ -28,7 +28,7 @@ from ..config import GrapeConfig
 from ..models import Block
 from ..rng import keyed_generator
 from . import feedback as fb
-from .base import MicroBatch, OutputSignal, StageRule
+from .base import MicroBatch, OutputSignal, StageRule, accumulate_grad
 from .tangents import block_forward, layer_forward
 
 
@@ -283,7 +283,7 @@ class DirectFeedbackRule(StageRule):
         else:
             w.grad.addmm_(delta.T, x)  # in place: no temporary of the weight's size
         if linear.bias is not None:
-            _accumulate_grad(linear.bias, delta.sum(0))
+            accumulate_grad(linear.bias, delta.sum(0))
 
     def state_dict(self) -> dict:
         state = {"B": {i: b.detach().clone() for i, b in self.B.items()}}
@@ -297,13 +297,6 @@ class DirectFeedbackRule(StageRule):
                 self.B[i].copy_(b)
         if self.b_optimizer is not None and "b_optimizer" in state:
             self.b_optimizer.load_state_dict(state["b_optimizer"])
-
-
-def _accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
-    if p.grad is None:
-        p.grad = g
-    else:
-        p.grad.add_(g)
 
 
 def _dense_parts(block: nn.Module):

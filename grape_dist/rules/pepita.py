@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models import Block
 from ..rng import keyed_generator
-from .base import MicroBatch, OutputSignal, StageRule
+from .base import MicroBatch, OutputSignal, StageRule, accumulate_grad
 
 
 def _split_linear(block: Block) -> tuple[list[nn.Module], nn.Linear, list[nn.Module]]:
@@ -73,9 +73,9 @@ class PepitaRule(StageRule):
             for layer in post:
                 h_err = layer(h_err)
             delta = signal.error if self.is_output(i) else (outs[offset] - h_err) / signal.total
-            _accumulate(lin.weight, delta.T @ x_err)
+            accumulate_grad(lin.weight, delta.T @ x_err)
             if lin.bias is not None:
-                _accumulate(lin.bias, delta.sum(0))
+                accumulate_grad(lin.bias, delta.sum(0))
             x_err = h_err
         return x_err
 
@@ -84,10 +84,3 @@ class PepitaRule(StageRule):
             raise RuntimeError("pepita: a micro-batch got no modulated pass this step")
         self._apply_update()
         return {}
-
-
-def _accumulate(p: torch.Tensor, g: torch.Tensor) -> None:
-    if p.grad is None:
-        p.grad = g.clone()
-    else:
-        p.grad.add_(g)
