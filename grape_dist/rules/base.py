@@ -98,7 +98,9 @@ class StageRule:
         """Sum the gradients over replicas, step the weights' optimiser, clear gradients."""
         self._reduce([p.grad for p in self.parameters() if p.grad is not None])
         self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        # Keep the gradient buffers (zeroed): the next step accumulates into them in place
+        # instead of allocating (and page-faulting) fresh weight-sized tensors.
+        self.optimizer.zero_grad(set_to_none=False)
 
     @property
     def indices(self) -> range:
