@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from grape_dist.config import load_config  # noqa: E402
 from grape_dist.models import Block, BlockModel  # noqa: E402
+from grape_dist.optim import build_optimizer  # noqa: E402
 from grape_dist.rules import MicroBatch, build_stage_rule, output_signal  # noqa: E402
 
 METHODS = {
@@ -86,7 +87,6 @@ def worker(args) -> None:
     from grape_dist.distributed.partition import partition
     from grape_dist.distributed.pipeline import DistributedPipeline
     from grape_dist.distributed.torch_schedules import TorchScheduledPipeline
-    from grape_dist.optim import build_optimizer
     from grape_dist.runtime import build_stages
 
     torch.set_num_threads(args.threads)
@@ -236,7 +236,7 @@ def block_costs(args, mb: int) -> dict[str, float]:
     for _ in range(3):
         update()
     out["update"] = statistics.median(update() for _ in range(10))
-    opt = torch.optim.SGD(block.parameters(), lr=0.01, momentum=0.9)
+    opt = build_optimizer(block.parameters(), _config("bp", args, 1).optim)
     for p in block.parameters():
         p.grad = torch.zeros_like(p)
     out["opt"] = _median_s(opt.step)
