@@ -236,7 +236,7 @@ def block_costs(args, mb: int) -> dict[str, float]:
     for _ in range(3):
         update()
     out["update"] = statistics.median(update() for _ in range(10))
-    opt = build_optimizer(block.parameters(), _config("bp", args, 1).optim)
+    opt = build_optimizer(block.parameters(), _config("bp-native", args, 1).optim)
     for p in block.parameters():
         p.grad = torch.zeros_like(p)
     out["opt"] = _median_s(opt.step)
