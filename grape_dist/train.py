@@ -59,6 +59,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise PartitionError(f"pipeline.stage_blocks has {len(sizes)} entries for "
                                          f"{pp} stages")
                 explicit_bounds(sizes, num_blocks(cfg))
+            if cfg.pipeline.schedule == "1f1b" and cfg.pipeline.micro_batches < pp:
+                raise MeshError(f"pipeline.schedule=1f1b needs pipeline.micro_batches >= pp = "
+                                f"{pp} (torch's Schedule1F1B), got {cfg.pipeline.micro_batches}")
         except (MeshError, PartitionError) as exc:
             # Every rank says it: torchrun may stop the others before rank 0 gets to print.
             print(f"config error (rank {rank}): {exc}", file=sys.stderr, flush=True)

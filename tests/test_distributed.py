@@ -98,6 +98,8 @@ def test_explicit_uneven_stage_split(tmp_path):
     (2, ["pipeline.pp=3"], "pipeline.pp=3 x pipeline.dp=1 = 3 ranks, but WORLD_SIZE=2"),
     (2, ["pipeline.stage_blocks=[2,1]"], "must be positive block counts summing to the "
                                          "model's 4 blocks"),
+    (2, ["rule=bp", "pipeline.schedule=1f1b", "pipeline.micro_batches=1"],
+     "pipeline.schedule=1f1b needs pipeline.micro_batches >= pp = 2"),
 ])
 def test_mesh_errors_stop_every_rank_before_training(nproc, overrides, match, tmp_path):
     r = torchrun(nproc, tmp_path / "bad", "rule=dfa", "train.epochs=1", *overrides)
