@@ -54,11 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             # Every rank checks the same thing, so all of them stop before joining the group.
             pp, _ = check_mesh(world_size, cfg.pipeline.pp, cfg.pipeline.dp, num_blocks(cfg))
             if cfg.pipeline.stage_blocks:
-                sizes = cfg.pipeline.stage_blocks
-                if len(sizes) != pp:
-                    raise PartitionError(f"pipeline.stage_blocks has {len(sizes)} entries for "
-                                         f"{pp} stages")
-                explicit_bounds(sizes, num_blocks(cfg))
+                explicit_bounds(cfg.pipeline.stage_blocks, num_blocks(cfg), pp)
             if cfg.pipeline.schedule == "1f1b" and cfg.pipeline.micro_batches < pp:
                 raise MeshError(f"pipeline.schedule=1f1b needs pipeline.micro_batches >= pp = "
                                 f"{pp} (torch's Schedule1F1B), got {cfg.pipeline.micro_batches}")
@@ -76,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(cfg.train.device)
     with process_group(cfg.pipeline.timeout_s, device):
-        summary = Trainer(cfg, args.out).fit()
+        summary = Trainer(cfg, args.out, device).fit()
     logging.getLogger("grape_dist").info(
         "done: rule %s final test accuracy %.4f (best %.4f), %d steps, %.1fs",
         summary["rule"], summary["final_test_accuracy"], summary["best_test_accuracy"],

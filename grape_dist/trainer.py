@@ -75,15 +75,14 @@ def build_pipeline(cfg: Config, model: BlockModel):
     p = cfg.pipeline
     pp, dp = check_mesh(dist.get_world_size(), p.pp, p.dp, len(model.blocks))
     mesh = Mesh.create(pp, dp)
-    if p.stage_blocks or p.balance == "params":
-        bounds = partition(model, pp, p.balance, p.stage_blocks)
-    else:
+    costs = None
+    if not p.stage_blocks and p.balance == "time":
         # Measured costs differ from rank to rank: use rank 0's, so all agree on the split.
-        costs = torch.tensor(block_costs(model, "time"), dtype=torch.float64,
-                             device=next(model.parameters()).device)
-        dist.broadcast(costs, 0)
-        from .distributed.partition import balanced_bounds
-        bounds = balanced_bounds(costs.tolist(), pp)
+        t = torch.tensor(block_costs(model, "time"), dtype=torch.float64,
+                         device=next(model.parameters()).device)
+        dist.broadcast(t, 0)
+        costs = t.tolist()
+    bounds = partition(model, pp, p.balance, p.stage_blocks, costs)
     first, last = bounds[mesh.stage]
     stage = build_stages(cfg, model, bounds, only=mesh.stage)[0]
     log.info("mesh pp=%d x dp=%d; stage blocks %s; rank %d holds blocks %d..%d", pp, dp,
@@ -101,7 +100,8 @@ class Trainer:
     """The training loop over any runtime: the single-process pipeline (one stage) or this
     rank's stage of the distributed pipeline. Only rank 0 writes outputs and logs."""
 
-    def __init__(self, cfg: Config, out_dir: str | Path | None = None) -> None:
+    def __init__(self, cfg: Config, out_dir: str | Path | None = None,
+                 device: torch.device | None = None) -> None:
         self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -120,7 +120,7 @@ class Trainer:
                                              cfg.model.hidden, cfg.model.channels,
                                              cfg.model.activation)
         # The data stays on the CPU; mini-batches move to the model's device as they are used.
-        self.device = resolve_device(cfg.train.device)
+        self.device = device if device is not None else resolve_device(cfg.train.device)
         self.model.to(self.device)
         self.pipeline, self.mesh = build_pipeline(cfg, self.model)
         self.stages = self.pipeline.stages

@@ -45,8 +45,10 @@ def balanced_bounds(costs: list[float], stages: int) -> list[tuple[int, int]]:
     return bounds[::-1]
 
 
-def explicit_bounds(sizes: list[int], num_blocks: int) -> list[tuple[int, int]]:
+def explicit_bounds(sizes: list[int], num_blocks: int, stages: int) -> list[tuple[int, int]]:
     """Stage bounds from a list of blocks-per-stage (the config override)."""
+    if len(sizes) != stages:
+        raise PartitionError(f"pipeline.stage_blocks has {len(sizes)} entries for {stages} stages")
     if any(s < 1 for s in sizes) or sum(sizes) != num_blocks:
         raise PartitionError(
             f"pipeline.stage_blocks={sizes} must be positive block counts summing to the "
@@ -78,10 +80,10 @@ def block_costs(model: BlockModel, how: str, batch: int = 32, repeats: int = 3) 
 
 
 def partition(model: BlockModel, stages: int, balance: str = "params",
-              stage_blocks: list[int] | None = None) -> list[tuple[int, int]]:
+              stage_blocks: list[int] | None = None,
+              costs: list[float] | None = None) -> list[tuple[int, int]]:
+    """Explicit `stage_blocks`, else balanced by `costs` (default: `block_costs(balance)`).
+    Pass the same `costs` on every rank when they are measured (they differ per rank)."""
     if stage_blocks:
-        if len(stage_blocks) != stages:
-            raise PartitionError(
-                f"pipeline.stage_blocks has {len(stage_blocks)} entries for {stages} stages")
-        return explicit_bounds(stage_blocks, len(model.blocks))
-    return balanced_bounds(block_costs(model, balance), stages)
+        return explicit_bounds(stage_blocks, len(model.blocks), stages)
+    return balanced_bounds(costs if costs is not None else block_costs(model, balance), stages)

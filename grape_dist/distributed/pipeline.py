@@ -139,7 +139,7 @@ class DistributedPipeline:
     # in float64; its size follows from the config, so receivers preallocate it.
 
     def _packet_size(self, rule: StageRule, mb: MicroBatch) -> int:
-        km = getattr(rule, "output_tangent_shape", lambda _: None)(mb.size)
+        km = rule.output_tangent_shape(mb.size)
         return (2 + mb.size * self.num_classes
                 + (km[0] * km[1] * self.num_classes if km else 0))
 
@@ -166,7 +166,7 @@ class DistributedPipeline:
         c = self.num_classes
         dtype = torch.get_default_dtype()
         e = buf[2:2 + mb.size * c].view(mb.size, c).to(dtype)
-        km = getattr(rule, "output_tangent_shape", lambda _: None)(mb.size)
+        km = rule.output_tangent_shape(mb.size)
         t = buf[2 + mb.size * c:].view(km[0], km[1], c).to(dtype) if km else None
         # The targets come from this rank's own copy of the labels.
         labels = y[mb.start - offset:mb.start - offset + mb.size]

@@ -73,7 +73,6 @@ class StageRule:
     # runs the backward stage by stage in reverse; False for the direct rules, whose stages
     # update concurrently from the broadcast signal alone.
     sequential_backward = False
-    needs_tangents = False
     # PEPITA: a second, modulated forward pass after the error is known.
     second_pass = False
 
@@ -138,6 +137,11 @@ class StageRule:
     def finish_step(self) -> dict[str, float]:
         """Apply the mini-batch's update; returns per-step statistics (e.g. alignment)."""
         raise NotImplementedError
+
+    def output_tangent_shape(self, mb_size: int) -> tuple[int, int] | None:
+        """(streams, samples) of the output tangents a micro-batch produces; None: no tangents.
+        Lets the runtime size the broadcast signal in advance."""
+        return None
 
     def reset_step(self) -> None:
         """Drop everything stashed for the current mini-batch without updating (used to abandon

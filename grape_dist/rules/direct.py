@@ -66,7 +66,6 @@ class DirectFeedbackRule(StageRule):
         self.signal_kind = signal
         self.grape = grape
         self.seed = seed
-        self.needs_tangents = grape is not None
         # B_l as leaf parameters so that a torch optimiser can step them; they never enter an
         # autograd graph (gradients come from the closed form of eq. 17).
         self.B = {i: nn.Parameter(b.clone().to(self.device), requires_grad=False)
