@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 import yaml
 
-RULES = ("bp", "fa", "dfa", "drtp", "pepita", "grape")
 # Rules that update every block from a directly projected signal (no backward between blocks).
 DIRECT_RULES = ("dfa", "drtp", "grape")
 CALIBRATED_RULES = ("dfa", "grape")
@@ -83,9 +82,11 @@ class FeedbackConfig:
 class GrapeConfig:
     """GrAPE's feedback learning (paper section 3, App. C); defaults are justified in docs/."""
 
-    tangent_space: Literal["auto", "activation", "weight"] = "auto"
+    # Tangents live in activation space (each block's output); docs/grape.md says why the
+    # paper's weight-space alternative is not offered.
     routing: Literal["per_block", "shared"] = "per_block"
-    # Tangents on the first m samples of each micro-batch only (0 = every sample).
+    # Tangents on m rows of each mini-batch (evenly spaced by row index; 0 = every row). The
+    # rows do not depend on the micro-batching or the data-parallel split.
     tangent_samples: int = 0
     # Optimiser of B on L_align = 1 - mean_k cos(B[:, k], J_hat[:, k]) (the 1/n_l of eq. 17 is in
     # the gradient). The paper's SGD(0.9) lr 0.01 barely moves B; see docs/grape.md.
@@ -126,14 +127,16 @@ class PipelineConfig:
     # Explicit blocks per stage (e.g. [2, 1]); overrides `balance`.
     stage_blocks: list[int] = field(default_factory=list)
     # BP only: `native` (this runtime, all forwards then all backwards), or
-    # torch.distributed.pipelining's `gpipe`, `1f1b`, `zero_bubble` (interleaved ZB, 2 stages
-    # per rank).
-    schedule: Literal["native", "gpipe", "1f1b", "zero_bubble"] = "native"
+    # torch.distributed.pipelining's `gpipe`, `1f1b`, and the schedules with two stages per
+    # rank: `zero_bubble` (interleaved zero bubble; rank r holds stages r and r + pp), `zbv`
+    # (zero bubble V) and `dualpipev` (both V-shaped: rank r holds stages r and 2pp - 1 - r).
+    schedule: Literal["native", "gpipe", "1f1b", "zero_bubble", "zbv", "dualpipev"] = "native"
     timeout_s: float = 300.0
     # Direct rules: broadcast each micro-batch's signal as soon as it exists and update at once,
     # so a stage holds ~pp micro-batches of activations (like 1F1B) instead of all of them.
     # For GrAPE the weight update then uses B from before this mini-batch's B step (which still
     # runs once per mini-batch on the summed estimate). Same trajectory on 1 and P ranks.
+    # Refused with nccl across ranks until it has been run on GPUs (docs/pipeline.md).
     streaming: bool = False
 
 
@@ -143,10 +146,15 @@ class TrainConfig:
     # Evaluate (test split + alignment probe) every this many epochs; the last epoch always is.
     eval_every: int = 1
     probe_batch_size: int = 256
+    # The exact-Jacobian alignment metric (`jac_cos`) costs one extra backward pass over the
+    # probe batch per output unit: computed when the model has at most this many outputs
+    # (0 = never).
+    jacobian_metric_max_outputs: int = 100
     # torch intra-op threads; 0 leaves torch's default.
     threads: int = 0
     progress: bool = True
-    # Write the final weights and feedback matrices to <out>/final_state.pt.
+    # Write the final weights and feedback matrices to <out>/final_state/, one file per stage
+    # written by the rank that holds it (`grape_dist.runtime.load_final_state` merges them).
     save_final: bool = False
     # auto: this rank's GPU (cuda:LOCAL_RANK, nccl) when there is one, else the CPU (gloo).
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -408,4 +416,6 @@ def validate(cfg: Config) -> None:
     _check(t.epochs >= 1, "train.epochs", f"must be >= 1, got {t.epochs}")
     _check(t.eval_every >= 1, "train.eval_every", f"must be >= 1, got {t.eval_every}")
     _check(t.probe_batch_size > 0, "train.probe_batch_size", "must be > 0")
+    _check(t.jacobian_metric_max_outputs >= 0, "train.jacobian_metric_max_outputs",
+           "must be >= 0 (0 = off)")
     _check(t.threads >= 0, "train.threads", "must be >= 0 (0 = torch default)")

@@ -9,6 +9,9 @@
     # 2 stages x 2 data-parallel replicas, 4 micro-batches per mini-batch
     torchrun --nproc_per_node=4 -m grape_dist.train --config configs/mnist_mlp_grape.yaml \
         pipeline.dp=2 pipeline.micro_batches=4
+    # the BP baseline on torch's zero-bubble V schedule (two stages per rank)
+    torchrun --nproc_per_node=2 -m grape_dist.train --config configs/mnist_mlp_bp.yaml \
+        pipeline.schedule=zbv pipeline.micro_batches=4
 
 Data other than the embedded MNIST is read from `data.root` or $GRAPE_DATA_DIR (a folder in the
 Hugging Face hub's parquet layout), else from the hub when online.
@@ -45,34 +48,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    from .distributed.mesh import MeshError, check_mesh
-    from .distributed.partition import PartitionError, explicit_bounds
-    from .trainer import num_blocks
+    from .distributed import backend_for, process_group, resolve_device
+    from .runtime import LayoutError, plan_layout
+    from .trainer import Trainer, build_model_for
 
-    if world_size > 1:
-        try:
-            # Every rank checks the same thing, so all of them stop before joining the group.
-            pp, _ = check_mesh(world_size, cfg.pipeline.pp, cfg.pipeline.dp, num_blocks(cfg))
-            if cfg.pipeline.stage_blocks:
-                explicit_bounds(cfg.pipeline.stage_blocks, num_blocks(cfg), pp)
-            if cfg.pipeline.schedule == "1f1b" and cfg.pipeline.micro_batches < pp:
-                raise MeshError(f"pipeline.schedule=1f1b needs pipeline.micro_batches >= pp = "
-                                f"{pp} (torch's Schedule1F1B), got {cfg.pipeline.micro_batches}")
-        except (MeshError, PartitionError) as exc:
-            # Every rank says it: torchrun may stop the others before rank 0 gets to print.
-            print(f"config error (rank {rank}): {exc}", file=sys.stderr, flush=True)
-            return 2
+    try:
+        device = resolve_device(cfg.train.device)
+        # The layout is checked once, here, by every rank alike: all of them stop before
+        # joining the process group. Block counts come from the model's own builder.
+        layout = plan_layout(cfg, len(build_model_for(cfg).blocks), world_size,
+                             backend_for(device))
+    except (LayoutError, RuntimeError) as exc:
+        # Every rank says it: torchrun may stop the others before rank 0 gets to print.
+        where = f" (rank {rank})" if world_size > 1 else ""
+        print(f"config error{where}: {exc}", file=sys.stderr, flush=True)
+        return 2
     logging.basicConfig(level=logging.WARNING if args.quiet or rank else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.quiet:
         cfg.train.progress = False
 
-    from .distributed import process_group, resolve_device
-    from .trainer import Trainer
-
-    device = resolve_device(cfg.train.device)
     with process_group(cfg.pipeline.timeout_s, device):
-        summary = Trainer(cfg, args.out, device).fit()
+        summary = Trainer(cfg, args.out, device, layout).fit()
     logging.getLogger("grape_dist").info(
         "done: rule %s final test accuracy %.4f (best %.4f), %d steps, %.1fs",
         summary["rule"], summary["final_test_accuracy"], summary["best_test_accuracy"],

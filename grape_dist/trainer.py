@@ -11,14 +11,21 @@ import torch
 import torch.distributed as dist
 
 from .config import Config, to_dict
-from .data import epoch_batches, load_image_dataset, normalize, random_batch_indices, subset_indices
-from .distributed import resolve_device
-from .metrics.alignment import alignment_metrics
+from .data import (
+    epoch_batches,
+    get_source,
+    load_image_dataset,
+    normalize,
+    random_batch_indices,
+    subset_indices,
+)
+from .distributed import backend_for, resolve_device
 from .metrics.progress import Progress
-from .metrics.writer import RunWriter, atomic_save
+from .metrics.writer import RunWriter
 from .models import BlockModel, build_model
 from .optim import scheduled_lr, set_lr
-from .runtime import LocalPipeline, build_stages, split_micro_batches
+from .runtime import Layout, build_engine, plan_layout, split_micro_batches
+from .runtime.final_state import clear_final_state
 
 log = logging.getLogger("grape_dist")
 
@@ -44,7 +51,7 @@ class TrainState:
     best_test_accuracy: float = 0.0
 
 
-def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, tuple[int, ...], int, str]:
+def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, str]:
     ds = load_image_dataset(cfg.data.name, cfg.data.root)
     splits = []
     for split, n in ((ds.train, cfg.data.train_subset), (ds.test, cfg.data.test_subset)):
@@ -53,94 +60,64 @@ def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, tuple[int, ...], int, s
             idx = subset_indices(len(labels), n, cfg.seed)
             images, labels = images[idx], labels[idx]
         splits.append(Tensors(normalize(images, ds.mean, ds.std), labels))
-    return splits[0], splits[1], ds.input_shape, ds.num_classes, ds.source
+    return splits[0], splits[1], ds.source
 
 
-def num_blocks(cfg: Config) -> int:
-    """Blocks of the configured model, known before anything is built (mesh checks)."""
-    extra = 2 if cfg.model.name == "lenet" else 0
-    return extra + len(cfg.model.hidden) + 1
-
-
-def build_pipeline(cfg: Config, model: BlockModel):
-    """The runtime for this process: all blocks in one stage, or this rank's stage of the mesh
-    when launched with several ranks. Returns (pipeline, mesh or None)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        n = len(model.blocks)
-        return LocalPipeline(build_stages(cfg, model, [(0, n)]), cfg.pipeline.micro_batches), None
-    from .distributed.mesh import Mesh, check_mesh
-    from .distributed.partition import block_costs, partition
-    from .distributed.pipeline import DistributedPipeline
-
-    p = cfg.pipeline
-    pp, dp = check_mesh(dist.get_world_size(), p.pp, p.dp, len(model.blocks))
-    mesh = Mesh.create(pp, dp)
-    costs = None
-    if not p.stage_blocks and p.balance == "time":
-        # Measured costs differ from rank to rank: use rank 0's, so all agree on the split.
-        t = torch.tensor(block_costs(model, "time"), dtype=torch.float64,
-                         device=next(model.parameters()).device)
-        dist.broadcast(t, 0)
-        costs = t.tolist()
-    bounds = partition(model, pp, p.balance, p.stage_blocks, costs)
-    first, last = bounds[mesh.stage]
-    stage = build_stages(cfg, model, bounds, only=mesh.stage)[0]
-    log.info("mesh pp=%d x dp=%d; stage blocks %s; rank %d holds blocks %d..%d", pp, dp,
-             [b - a for a, b in bounds], mesh.rank, first, last - 1)
-    if p.schedule != "native":
-        from .distributed.torch_schedules import TorchScheduledPipeline
-        from .optim import build_optimizer
-        return TorchScheduledPipeline(
-            stage, mesh, p.micro_batches, model.num_classes, model, p.schedule,
-            cfg.data.batch_size, lambda ps: build_optimizer(ps, cfg.optim)), mesh
-    return DistributedPipeline(stage, mesh, p.micro_batches, model.num_classes), mesh
+def build_model_for(cfg: Config) -> BlockModel:
+    """The configured model on the meta device (its structure, no weights): sized from the
+    dataset's registry entry, so it is known before any data is loaded or group joined."""
+    src = get_source(cfg.data.name)
+    return build_model(cfg.model, src.input_shape, src.num_classes)
 
 
 class Trainer:
-    """The training loop over any runtime: the single-process pipeline (one stage) or this
-    rank's stage of the distributed pipeline. Only rank 0 writes outputs and logs."""
+    """The training loop over this process's `PipelineEngine`: every stage in one process, or
+    this rank's stages of a pp x dp mesh. Only rank 0 writes outputs and logs."""
 
     def __init__(self, cfg: Config, out_dir: str | Path | None = None,
-                 device: torch.device | None = None) -> None:
+                 device: torch.device | None = None, layout: Layout | None = None) -> None:
         self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.out_dir = Path(out_dir) if out_dir is not None and self.rank == 0 else None
+        self.device = device if device is not None else resolve_device(cfg.train.device)
+        model = build_model_for(cfg)
+        # The entry point validates the layout before joining the group; direct callers here.
+        self.layout = layout or plan_layout(cfg, len(model.blocks), self.world_size,
+                                            backend_for(self.device))
+        self.out_path = Path(out_dir) if out_dir is not None else None
+        self.out_dir = self.out_path if self.rank == 0 else None
         self.writer = RunWriter(self.out_dir)
         self.writer.config(to_dict(cfg))
+        if self.out_dir is not None:
+            clear_final_state(self.out_dir)
         t0 = time.perf_counter()
-        self.train, self.test, input_shape, num_classes, source = load_tensors(cfg)
+        # The data stays on the CPU; mini-batches move to the model's device as they are used.
+        self.train, self.test, source = load_tensors(cfg)
         log.info("data %s: %d train / %d test from %s (%.1fs)", cfg.data.name, len(self.train.y),
                  len(self.test.y), source, time.perf_counter() - t0)
-        # Every rank builds the whole model from the same seed, then keeps its own blocks.
-        torch.manual_seed(cfg.seed)
-        self.model: BlockModel = build_model(cfg.model.name, input_shape, num_classes,
-                                             cfg.model.hidden, cfg.model.channels,
-                                             cfg.model.activation)
-        # The data stays on the CPU; mini-batches move to the model's device as they are used.
-        self.device = device if device is not None else resolve_device(cfg.train.device)
-        self.model.to(self.device)
-        self.pipeline, self.mesh = build_pipeline(cfg, self.model)
-        self.stages = self.pipeline.stages
-        self.dp = self.mesh.dp if self.mesh else 1
-        self.replica = self.mesh.replica if self.mesh else 0
+        self.engine = build_engine(cfg, model, self.layout, self.device)
+        self.model = self.engine.model  # meta except for this rank's blocks
+        self.stages = self.engine.stages
+        self.dp = self.layout.dp
+        self.replica = self.engine.replica
         probe = subset_indices(len(self.train.y), min(cfg.train.probe_batch_size,
                                                       len(self.train.y)), cfg.seed + 1)
-        self.probe = Tensors(self.train.x[probe].to(self.device),
-                             self.train.y[probe].to(self.device))
+        self.probe = Tensors(self.train.x[probe], self.train.y[probe])
         self.state = TrainState()
 
     # -- evaluation ------------------------------------------------------------------------
 
     def evaluate(self, data: Tensors) -> tuple[float, float]:
-        loss, correct = self.pipeline.evaluate(data.x, data.y, self.cfg.data.eval_batch_size)
+        loss, correct = self.engine.evaluate(data.x, data.y, self.cfg.data.eval_batch_size)
         return loss / len(data.y), correct / len(data.y)
 
     def _replica_rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, int, int]:
-        """This replica's share of a global mini-batch: (indices, row offset, global size)."""
-        start, size = split_micro_batches(len(idx), self.dp)[self.replica]
+        """This replica's share of a global mini-batch: (indices, row offset, global size).
+        A global batch with fewer rows than replicas leaves some replicas none."""
+        parts = split_micro_batches(len(idx), self.dp)
+        start, size = parts[self.replica] if self.replica < len(parts) else (len(idx), 0)
         return idx[start:start + size], start, len(idx)
 
     # -- training --------------------------------------------------------------------------
@@ -154,7 +131,7 @@ class Trainer:
         bs = min(self.cfg.calibration.batch_size * self.dp, len(self.train.y))
         idx = random_batch_indices(len(self.train.y), bs, self.cfg.seed, epoch)
         rows, offset, total = self._replica_rows(idx)
-        self.pipeline.calibrate(self.train.x[rows].to(self.device),
+        self.engine.calibrate(self.train.x[rows].to(self.device),
                                 self.train.y[rows].to(self.device), self.state.step, offset, total)
         self.state.calibrations.append(CalibrationEvent(epoch, self.state.step, len(idx)))
 
@@ -169,7 +146,7 @@ class Trainer:
         stats_sum: dict[str, float] = {}
         for idx in batches:
             rows, offset, total = self._replica_rows(idx)
-            r = self.pipeline.train_step(self.train.x[rows].to(self.device),
+            r = self.engine.train_step(self.train.x[rows].to(self.device),
                                          self.train.y[rows].to(self.device), self.state.step,
                                          offset, total)
             self.state.step += 1
@@ -191,8 +168,8 @@ class Trainer:
             self.state.epoch = epoch
             t_epoch = time.perf_counter()
             lr = scheduled_lr(cfg.optim, epoch, cfg.train.epochs)
-            for stage in self.stages:
-                set_lr(stage.rule.optimizer, lr)
+            for opt in self.engine.optimizers:
+                set_lr(opt, lr)
             train_loss, train_acc, stats = self.train_epoch(epoch)
             calibrated = self.calibration_due(epoch)
             if calibrated:
@@ -201,12 +178,9 @@ class Trainer:
                 continue
             test_loss, test_acc = self.evaluate(self.test)
             self.state.best_test_accuracy = max(self.state.best_test_accuracy, test_acc)
-            feedback = self.pipeline.gather_model(self.model)
-            align = {}
-            if self.rank == 0:
-                align = alignment_metrics(self.model, feedback, self.probe.x, self.probe.y,
-                                          cfg.seed)
-            stats = self.pipeline.merge_stats(stats)
+            align = self.engine.alignment(self.probe.x, self.probe.y, cfg.seed,
+                                          cfg.train.jacobian_metric_max_outputs)
+            stats = self.engine.merge_stats(stats)
             for k, v in stats.items():
                 name = names[int(k.split("/")[1])]
                 if k.startswith("align_cos/") and name in align:
@@ -232,23 +206,13 @@ class Trainer:
             "steps": self.state.step,
             "calibration_steps": len(self.state.calibrations),
             "world_size": self.world_size,
-            "pp": self.mesh.pp if self.mesh else 1,
+            "pp": self.layout.pp,
             "dp": self.dp,
+            "stages": self.layout.num_stages,
             "wall_seconds": round(time.perf_counter() - t0, 3),
+            **self.engine.memory_report(),
         }
         self.writer.summary(summary)
-        if cfg.train.save_final:
-            self.save_final()
+        if cfg.train.save_final and self.out_path is not None:
+            self.engine.save_final(self.out_path, self.state.step, self.state.epoch)
         return summary
-
-    def save_final(self) -> None:
-        """Rank 0 writes the full model and feedback matrices to `final_state.pt` atomically."""
-        feedback = self.pipeline.gather_model(self.model)
-        if self.out_dir is None:
-            return
-        # Parameters only: they are what the stages gathered (FA's fixed matrices, for
-        # instance, exist only on the rank that uses them).
-        params = {k: v.detach().cpu() for k, v in self.model.named_parameters()}
-        state = {"model": params, "feedback": {i: b.cpu() for i, b in feedback.items()},
-                 "step": self.state.step, "epoch": self.state.epoch}
-        atomic_save(state, self.out_dir / "final_state.pt")

@@ -13,6 +13,7 @@ from grape_dist.models import Block, BlockModel
 from grape_dist.rules import MicroBatch, build_stage_rule, output_signal
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ACTS = {"tanh": nn.Tanh, "relu": nn.ReLU}
 
 
 def tiny_mlp(d_in: int = 5, h1: int = 4, h2: int = 3, d_out: int = 3, act=nn.Tanh,
@@ -25,6 +26,7 @@ def tiny_mlp(d_in: int = 5, h1: int = 4, h2: int = 3, d_out: int = 3, act=nn.Tan
 
 
 def tiny_cnn(seed: int = 0) -> BlockModel:
+    """conv(3x3, pad 1)+ReLU+max pool, conv(3x3)+Tanh+avg pool, Flatten+Linear."""
     torch.manual_seed(seed)
     return BlockModel(
         [Block("conv1", nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)),

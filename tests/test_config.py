@@ -40,7 +40,9 @@ def test_overrides_apply_after_the_file(tmp_path):
     (["train.epochs=2.5"], r"train.epochs: expected an integer"),
     (["grape.routing=all"], r"grape.routing: 'all' is not allowed; allowed values: per_block, "
                             r"shared"),
-    (["grape.tangent_space=both"], r"allowed values: auto, activation, weight"),
+    (["pipeline.schedule=dualpipe"], r"allowed values: native, gpipe, 1f1b, zero_bubble, zbv, "
+                                     r"dualpipev"),
+    (["train.jacobian_metric_max_outputs=-1"], r"train.jacobian_metric_max_outputs: must be >= 0"),
     (["rule=bp", "calibration.every_epochs=1"], r"calibration applies to rules dfa, grape"),
     (["rule=pepita", "model.name=lenet"], r"pepita is defined for MLPs only"),
     (["data.name=imagenet"], r"data.name: 'imagenet' is not allowed; allowed values: mnist"),

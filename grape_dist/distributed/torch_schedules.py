@@ -1,11 +1,11 @@
-"""BP baselines on torch.distributed.pipelining's schedules, over the same stage modules.
+"""BP baselines on torch.distributed.pipelining's schedules, over the same stages and blocks.
 
-`rule: bp` (or `fa`) with `pipeline.schedule: gpipe | 1f1b` trains the blocks of this rank's
-stage with torch's `ScheduleGPipe` / `Schedule1F1B`, so that the comparison with the GrAPE
-pipeline measures the learning rule, not two different model splits. Evaluation, weight
-gathering and the optimiser step are the native runtime's. `zero_bubble` runs torch's
-`ScheduleInterleavedZeroBubble`, which needs two virtual stages per rank: the model is cut into
-2 x pp stages and rank r holds stages r and r + pp.
+`rule: bp` (or `fa`) with `pipeline.schedule` = `gpipe` | `1f1b` (one stage per rank) or
+`zero_bubble` | `zbv` | `dualpipev` (two stages per rank, placed by `runtime.layout`) trains
+this rank's stages with torch's schedule, so that the comparison with the GrAPE pipeline
+measures the learning rule, not two different model splits. The optimiser step (with the
+data-parallel gradient sum) is the stages' own BP rule's; evaluation and everything else run on
+the native schedules over the same placement.
 
 Torch's schedules need a fixed micro-batch shape, so these runs drop the last partial batch of
 each epoch (the trainer does so when a torch schedule is configured).
@@ -14,124 +14,72 @@ each epoch (the trainer does so when a torch schedule is configured).
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.distributed.pipelining import (
+    PipelineStage,
+    Schedule1F1B,
+    ScheduleDualPipeV,
+    ScheduleGPipe,
+    ScheduleInterleavedZeroBubble,
+    ScheduleZBVZeroBubble,
+)
 
 from ..models import BlockModel
 from ..rules import BackpropRule
-from ..runtime.local import StepResult
-from .pipeline import DistributedPipeline
+from ..runtime.schedules import Batch, LocalStages, Schedule, StepResult
+from ..runtime.stage import Stage
+from .mesh import Mesh
 
-SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-
-
-def _input_shape(model: BlockModel, first: int) -> tuple[int, ...]:
-    return model.input_shape if first == 0 else model.blocks[first - 1].out_shape
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
+             "zero_bubble": ScheduleInterleavedZeroBubble, "zbv": ScheduleZBVZeroBubble,
+             "dualpipev": ScheduleDualPipeV}
 
 
 def _mean_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, target)
 
 
-class TorchScheduledPipeline(DistributedPipeline):
-    """A `DistributedPipeline` whose training step is a torch pipelining schedule."""
+class TorchPipelineSchedule(Schedule):
+    """A training step through one of torch's pipelining schedules."""
 
-    def __init__(self, stage, mesh, micro_batches: int, num_classes: int, model: BlockModel,
-                 schedule: str, batch_size: int, optimizer_factory=None) -> None:
-        super().__init__(stage, mesh, micro_batches, num_classes)
-        if not isinstance(stage.rule, BackpropRule):
-            raise ValueError(f"pipeline.schedule={schedule} trains with backprop; "
-                             f"rule '{stage.rule.name}' runs on the native schedule")
-        if batch_size % micro_batches:
-            raise ValueError(f"torch schedules need equal micro-batches: data.batch_size="
-                             f"{batch_size} is not divisible by pipeline.micro_batches="
-                             f"{micro_batches}")
+    def __init__(self, name: str, model: BlockModel, stages: list[Stage], num_stages: int,
+                 mesh: Mesh, transport, micro_batches: int, batch_size: int,
+                 device: torch.device) -> None:
+        super().__init__(transport, num_stages, model.num_classes, device)
+        self.name = name
+        if not all(isinstance(s.rule, BackpropRule) for s in stages):
+            raise ValueError(f"pipeline.schedule={name} trains with backprop; rule "
+                             f"'{stages[0].rule.name}' runs on the native schedule")
         mb = batch_size // micro_batches
         dtype = torch.get_default_dtype()
-        self.rule = stage.rule
-        self.virtual: list[tuple[int, int]] = []
-        if schedule == "zero_bubble":
-            from torch.distributed.pipelining import ScheduleInterleavedZeroBubble
-            bounds = self._virtual_bounds(model)
-            self.virtual = bounds
-            self.torch_stages = [
-                self._torch_stage(model, first, last, idx, 2 * mesh.pp, mb, dtype)
-                for idx, (first, last) in enumerate(bounds)
-                if idx % mesh.pp == mesh.stage
-            ]
-            self.schedule = ScheduleInterleavedZeroBubble(self.torch_stages, micro_batches,
-                                                          loss_fn=_mean_ce)
-            # This rank trains the blocks of its two virtual stages, not its native range:
-            # a BP rule over those blocks owns their optimiser (the trainer schedules its lr
-            # through stage.rule.optimizer).
-            mine = [b for ts in self.torch_stages for b in ts.submod]
-            self.rule = BackpropRule(mine, 0, len(model.blocks),
-                                     optimizer_factory([p for b in mine for p in b.parameters()]))
-            self.rule.reduce_fn = stage.rule.reduce_fn
-            stage.rule.optimizer = self.rule.optimizer
-            self.model = model
-        else:
-            ts = self._torch_stage(model, stage.first, stage.last, mesh.stage, mesh.pp, mb, dtype)
-            self.torch_stages = [ts]
-            self.schedule = SCHEDULES[schedule](ts, micro_batches, loss_fn=_mean_ce)
-        self.first_rank_holds_input = any(s.is_first for s in self.torch_stages)
+        self.torch_stages = []
+        for s in stages:
+            shape = model.input_shape if s.first == 0 else model.blocks[s.first - 1].out_shape
+            example = torch.zeros(mb, *shape, dtype=dtype, device=device,
+                                  requires_grad=s.first > 0)
+            self.torch_stages.append(PipelineStage(
+                nn.Sequential(*s.blocks), s.index, num_stages, device, input_args=(example,),
+                group=mesh.pipeline_group))
+        cls = SCHEDULES[name]
+        arg = self.torch_stages if len(self.torch_stages) > 1 or name in (
+            "zero_bubble", "zbv", "dualpipev") else self.torch_stages[0]
+        self.schedule = cls(arg, micro_batches, loss_fn=_mean_ce)
+        self.holds_input = any(s.is_first for s in self.torch_stages)
         self.holds_output = any(s.is_last for s in self.torch_stages)
 
-    def _virtual_bounds(self, model: BlockModel) -> list[tuple[int, int]]:
-        """Zero bubble: 2 x pp virtual stages; rank r holds stages r and r + pp."""
-        from .partition import PartitionError, balanced_bounds, block_costs
-        if 2 * self.mesh.pp > len(model.blocks):
-            raise PartitionError(
-                f"pipeline.schedule=zero_bubble needs 2 x pp = {2 * self.mesh.pp} virtual "
-                f"stages but the model has {len(model.blocks)} blocks")
-        return balanced_bounds(block_costs(model, "params"), 2 * self.mesh.pp)
-
-    def _sync_virtual_blocks(self) -> None:
-        """Zero bubble trains blocks outside the native ranges: before evaluating, every rank
-        takes each block's weights from the rank that trained it."""
-        with torch.no_grad():
-            for idx, (first, last) in enumerate(self.virtual):
-                owner = self.mesh.rank_of(idx % self.mesh.pp)
-                for block in list(self.model.blocks)[first:last]:
-                    for p in block.parameters():
-                        dist.broadcast(p.data, owner, group=self.mesh.pipeline_group)
-
-    def evaluate(self, x, y, batch_size):
-        if self.virtual:
-            self._sync_virtual_blocks()
-        return super().evaluate(x, y, batch_size)
-
-    def gather_model(self, model):
-        if self.virtual:
-            self._sync_virtual_blocks()
-        return super().gather_model(model)
-
-    def _torch_stage(self, model, first, last, index, num_stages, mb, dtype):
-        module = nn.Sequential(*list(model.blocks)[first:last])
-        example = torch.zeros(mb, *_input_shape(model, first), dtype=dtype,
-                              device=self.device, requires_grad=first > 0)
-        return PipelineStage(module, index, num_stages, self.device,
-                             input_args=(example,), group=self.mesh.pipeline_group)
-
-    def train_step(self, x, y, step: int, offset: int = 0, total: int | None = None):
+    def run(self, stages: LocalStages, batch: Batch) -> StepResult:
         losses: list[torch.Tensor] = []
-        kwargs = {}
-        if self.holds_output:
-            kwargs = {"target": y, "losses": losses}
+        kwargs = {"target": batch.y, "losses": losses} if self.holds_output else {}
         # Torch checks strides against the example input; size-1 dims can carry any stride.
-        args = (torch.empty(x.shape, dtype=x.dtype, device=self.device).copy_(x),) \
-            if self.first_rank_holds_input else ()
+        args = (torch.empty(batch.x.shape, dtype=batch.x.dtype, device=self.device)
+                .copy_(batch.x),) if self.holds_input else ()
         out = self.schedule.step(*args, **kwargs)
-        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        stats = self._stats()
         if self.holds_output:
             # Per-micro-batch mean losses -> the summed loss over the mini-batch.
-            stats[0] = float(sum(float(v) for v in losses)) * len(y) / len(losses)
-            stats[1] = float((out.argmax(1) == y).sum())
-        # The loss lives on the rank holding the last stage (interleaved: 2pp-1 on rank pp-1).
-        dist.broadcast(stats, self.last, group=self.mesh.pipeline_group)
-        self.rule._apply_update()
-        if self.mesh.dp > 1:
-            dist.all_reduce(stats, group=self.mesh.replica_group)
-        return StepResult(float(stats[0]), int(stats[1]), total or len(y), {})
+            stats[0] = float(sum(float(v) for v in losses)) * len(batch.y) / len(losses)
+            stats[1] = float((out.argmax(1) == batch.y).sum())
+        # The loss lives on the rank holding the last stage.
+        self.transport.broadcast(stats, self.last).wait()
+        return self._finish(stages, stats, batch)

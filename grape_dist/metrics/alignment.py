@@ -1,65 +1,128 @@
-"""Per-block alignment of the feedback matrices, measured against exact derivatives.
+"""Per-block alignment of the feedback matrices, measured against exact derivatives, computed
+on the ranks that hold the blocks (only scalars are gathered).
 
 On a probe batch, for every hidden block l with a feedback matrix B_l:
 - `grad_cos`: mean over samples of cos(B_l^T e, dL/dh_l), the direct rule's update signal
-  against the true gradient from a real backward pass (e is the error of the mean loss);
+  against the true gradient from a real backward pass through the pipeline (which does not
+  step);
 - `jac_cos`: cos_F(B_l, J_l) with J_l = sum_s d y_hat_s / d h_l,s, the exact batch-summed
-  Jacobian (one reverse pass per output unit);
-- `jhat_cos`: cos_F(B_l, J_hat_l) with the rank-1 JVP estimate on the same batch (activation-space
-  tangents), what GrAPE's alignment step sees.
+  Jacobian (one more backward pass per output unit; only when the model has at most
+  `train.jacobian_metric_max_outputs` outputs);
+- `jhat_cos`: cos_F(B_l, J_hat_l) with a rank-1 JVP estimate on the same batch (one probe
+  tangent per block, keyed by (seed, block), carried to the output with the forward pass): what
+  GrAPE's alignment step sees.
+
+The probe runs like a BP step: a forward through the stages (with graphs and the probe
+tangents), a broadcast of the error and output tangents, then the gradients of the loss (and of
+each output unit) passed back stage by stage. Replica 0 computes it; all ranks get the result.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
-from ..models import BlockModel
 from ..rng import keyed_generator
+from ..rules.direct import DirectFeedbackRule
 from ..rules.feedback import frobenius_cosine, jacobian_estimate
-from ..rules.tangents import push_tangents
+from ..rules.tangents import block_forward
+
+if TYPE_CHECKING:
+    from ..runtime.engine import PipelineEngine
 
 
-def alignment_metrics(
-    model: BlockModel, feedback: dict[int, torch.Tensor], x: torch.Tensor, y: torch.Tensor,
-    seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    if not feedback:
-        return {}
-    blocks = list(model.blocks)
-    with torch.enable_grad():
-        hs = []
-        h = x
-        for block in blocks:
-            h = block(h)
-            h.retain_grad()
-            hs.append(h)
-        logits = h
-        loss = F.cross_entropy(logits, y)
-        # Exact batch-summed Jacobians first (they need the graph), then the loss gradient.
-        ids = sorted(feedback)
-        jac = {i: torch.zeros(logits.shape[1], blocks[i].out_features, device=x.device)
-               for i in ids}
-        for c in range(logits.shape[1]):
-            grads = torch.autograd.grad(logits[:, c].sum(), [hs[i] for i in ids],
-                                        retain_graph=True)
-            for i, g in zip(ids, grads):
-                jac[i][c] = g.reshape(g.shape[0], -1).sum(0)
-        grads = torch.autograd.grad(loss, [hs[i] for i in ids])
-    with torch.no_grad():
-        e = (F.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)) / len(y)
-    out = {}
-    for i, true_grad in zip(ids, grads):
-        b = feedback[i]
-        proj = e @ b
-        g = true_grad.reshape(len(y), -1)
-        cos = F.cosine_similarity(proj, g, dim=1, eps=1e-12)
-        live = g.norm(dim=1) > 0
-        p = torch.randn(hs[i].shape, generator=keyed_generator(seed, "probe", i)).to(x.device)
-        gt = push_tangents(blocks[i + 1:], hs[i].detach(), p.unsqueeze(0))[0]
-        out[blocks[i].name] = {
-            "grad_cos": float(cos[live].mean()) if live.any() else 0.0,
-            "jac_cos": frobenius_cosine(b, jac[i]),
-            "jhat_cos": frobenius_cosine(b, jacobian_estimate(gt, p)),
-        }
+def probe_alignment(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
+                    max_outputs: int) -> dict[str, dict[str, float]]:
+    local: dict[str, dict[str, float]] = {}
+    # The rule is the same on every rank, so a replica's ranks agree on taking part; the other
+    # replicas hold the same weights.
+    if engine.replica == 0 and isinstance(engine.stages[0].rule, DirectFeedbackRule):
+        local = _probe(engine, x, y, seed, max_outputs)
+    out: dict[str, dict[str, float]] = {}
+    for part in engine.transport.all_gather_object(local):
+        out.update(part)
+    order = [b.name for b in engine.model.blocks]
+    return dict(sorted(out.items(), key=lambda kv: order.index(kv[0])))
+
+
+@torch.no_grad()
+def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
+           max_outputs: int) -> dict[str, dict[str, float]]:
+    transport, device = engine.transport, engine.device
+    last = engine.layout.num_stages - 1
+    num_blocks, c, n = len(engine.model.blocks), engine.num_classes, len(y)
+    x, y = x.to(device), y.to(device)
+    # Forward: block outputs with their graphs, and one probe tangent stream per hidden block.
+    saved = {}
+    for stage in engine.stages:
+        s = stage.index
+        h, t = (x, None) if s == 0 else transport.recv(s - 1, s)
+        x_in = h.detach().requires_grad_(s > 0)
+        h, outs = x_in, []
+        with torch.enable_grad():
+            for offset, block in enumerate(stage.blocks):
+                i = stage.first + offset
+                h, t = block_forward(block, h, t)
+                if i < num_blocks - 1:
+                    gen = keyed_generator(seed, "probe", i)
+                    p = torch.randn(h.shape, generator=gen, dtype=h.dtype).to(device)
+                    t = p.unsqueeze(0) if t is None else torch.cat([t, p.unsqueeze(0)])
+                    outs.append((i, h, p))
+        saved[s] = (x_in, outs, h, t)
+        if s != last:
+            transport.send([h.detach(), t], s, s + 1)
+    # The error of the mean loss and the output tangents, from the last stage to every stage.
+    k = num_blocks - 1
+    if engine.stages[-1].index == last:
+        _, _, logits, t = saved[last]
+        e = (F.softmax(logits.detach(), 1) - F.one_hot(y, c).to(logits.dtype)) / n
+        packet = torch.cat([e.reshape(-1), t.reshape(-1)]).double()
+    else:
+        packet = torch.empty(n * c * (1 + k), dtype=torch.float64, device=device)
+    transport.broadcast(packet, last).wait()
+    dtype = torch.get_default_dtype()
+    e = packet[:n * c].view(n, c).to(dtype)
+    g = packet[n * c:].view(k, n, c).to(dtype)
+    # Backward without stepping: the loss gradient (grad output e) and, for the exact Jacobian,
+    # each output unit summed over the batch (grad output one-hot in that unit).
+    units = c if c <= max_outputs else 0
+    out: dict[str, dict[str, float]] = {}
+    for stage in reversed(engine.stages):
+        s = stage.index
+        x_in, outs, y_out, _ = saved[s]
+        if s == last:
+            eye = torch.eye(c, dtype=dtype, device=device)
+            grads_out = torch.cat([e.unsqueeze(0), eye[:units, None, :].expand(units, n, c)])
+        else:
+            grads_out = transport.recv(s + 1, s)[0]
+        inputs = [h for _, h, _ in outs] + ([x_in] if s > 0 else [])
+        true_grads, jac, back = None, [[] for _ in outs], []
+        with torch.enable_grad():
+            for r, go in enumerate(grads_out):
+                gs = torch.autograd.grad(y_out, inputs, go, retain_graph=r < len(grads_out) - 1,
+                                         allow_unused=True)
+                if r == 0:
+                    true_grads = gs
+                else:
+                    for b in range(len(outs)):
+                        jac[b].append(gs[b].reshape(n, -1).sum(0))
+                if s > 0:
+                    back.append(gs[-1])
+        if s > 0:
+            transport.send([torch.stack(back)], s, s - 1)
+        feedback = stage.rule.feedback_matrices()
+        for b, (i, _, p) in enumerate(outs):
+            bmat = feedback[i]
+            grad = true_grads[b].reshape(n, -1)
+            cos = F.cosine_similarity(e @ bmat, grad, dim=1, eps=1e-12)
+            live = grad.norm(dim=1) > 0
+            row = {"grad_cos": float(cos[live].mean()) if live.any() else 0.0}
+            if units:
+                row["jac_cos"] = frobenius_cosine(bmat, torch.stack(jac[b]))
+            row["jhat_cos"] = frobenius_cosine(bmat, jacobian_estimate(g[i], p))
+            out[stage.blocks[i - stage.first].name] = row
+    transport.flush()
+    transport.check_idle("end of the alignment probe")
     return out

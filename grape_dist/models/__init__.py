@@ -1,7 +1,8 @@
-"""Models as sequences of blocks (feedback points), built from the config."""
+"""Models as sequences of blocks (feedback points), built from the config on the meta device."""
 
 from __future__ import annotations
 
+from ..config import ModelConfig
 from .blocks import Block, BlockModel
 from .lenet import build_lenet
 from .mlp import build_mlp
@@ -9,17 +10,12 @@ from .mlp import build_mlp
 __all__ = ["Block", "BlockModel", "build_model", "build_lenet", "build_mlp"]
 
 
-def build_model(
-    name: str,
-    input_shape: tuple[int, ...],
-    num_classes: int,
-    hidden: list[int],
-    channels: list[int] | None = None,
-    act: str = "relu",
-) -> BlockModel:
-    """Build a Table 1 model by name (`mlp` or `lenet`)."""
-    if name == "mlp":
-        return build_mlp(input_shape, num_classes, hidden, act)
-    if name == "lenet":
-        return build_lenet(input_shape, num_classes, channels or [6, 16], hidden, act)  # type: ignore[arg-type]
-    raise ValueError(f"unknown model {name!r}; allowed: mlp, lenet")
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> BlockModel:
+    """A Table 1 model (`mlp` or `lenet`) on the meta device: its structure (block count, output
+    shapes) is known everywhere; `BlockModel.materialize` builds the blocks a rank holds."""
+    if cfg.name == "mlp":
+        return build_mlp(input_shape, num_classes, cfg.hidden, cfg.activation)
+    if cfg.name == "lenet":
+        return build_lenet(input_shape, num_classes, cfg.channels, cfg.hidden,  # type: ignore[arg-type]
+                           cfg.activation)
+    raise ValueError(f"unknown model {cfg.name!r}; allowed: mlp, lenet")

@@ -4,10 +4,17 @@ On 28x28 inputs the first conv pads by 2, so MNIST and CIFAR both reach 5x5 afte
 
 from __future__ import annotations
 
+from functools import partial
+
 from torch import nn
 
 from .blocks import Block, BlockModel
 from .layers import activation
+from .mlp import dense_factories
+
+
+def _conv(name: str, c_in: int, c_out: int, pad: int, act: str) -> Block:
+    return Block(name, nn.Conv2d(c_in, c_out, 5, padding=pad), activation(act), nn.MaxPool2d(2))
 
 
 def build_lenet(
@@ -17,19 +24,11 @@ def build_lenet(
     hidden: list[int],
     act: str = "relu",
 ) -> BlockModel:
+    """On the meta device; `materialize` builds the blocks a rank holds."""
     c_in, h, _ = input_shape
     pad = 2 if h == 28 else 0
     c1, c2 = channels
-    blocks = [
-        Block("conv1", nn.Conv2d(c_in, c1, 5, padding=pad), activation(act), nn.MaxPool2d(2)),
-        Block("conv2", nn.Conv2d(c1, c2, 5), activation(act), nn.MaxPool2d(2)),
-    ]
     side = ((h + 2 * pad - 4) // 2 - 4) // 2
-    width = c2 * side * side
-    for i, out in enumerate(hidden):
-        pre = [nn.Flatten()] if i == 0 else []
-        blocks.append(Block(f"fc{i + 1}", *pre, nn.Linear(width, out), activation(act)))
-        width = out
-    pre = [nn.Flatten()] if not hidden else []
-    blocks.append(Block("out", *pre, nn.Linear(width, num_classes)))
+    blocks = [partial(_conv, "conv1", c_in, c1, pad, act), partial(_conv, "conv2", c1, c2, 0, act)]
+    blocks += dense_factories(c2 * side * side, hidden, num_classes, act, flatten_first=True)
     return BlockModel(blocks, input_shape, num_classes)

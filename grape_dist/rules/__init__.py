@@ -1,68 +1,88 @@
 """Learning rules, one implementation each, applied per pipeline stage.
 
 `build_stage_rule` turns a config and a contiguous range of a model's blocks into the rule object
-that a stage runs; a single process is the pipeline with one stage spanning every block.
+that a stage runs, complete: optimisers, feedback matrices, GrAPE's feedback learner, the
+streaming mode and the function that sums tensors over data-parallel replicas are all given at
+construction. A single process is the pipeline with one stage spanning every block.
 """
 
 from __future__ import annotations
+
+from torch import nn
 
 from ..config import Config
 from ..models import BlockModel
 from ..optim import build_optimizer
 from ..rng import keyed_generator
 from .backprop import BackpropRule, convert_to_fa
-from .base import MicroBatch, OutputSignal, StageRule, output_signal
+from .base import MicroBatch, OutputSignal, Reduce, StageRule, no_reduce, output_signal
 from .direct import DirectFeedbackRule
 from .feedback import init_feedback
+from .grape import FeedbackLearner
 from .pepita import PepitaRule
 
 __all__ = [
-    "BackpropRule", "DirectFeedbackRule", "MicroBatch", "OutputSignal", "PepitaRule",
-    "StageRule", "build_stage_rule", "build_calibration_rule", "output_signal",
+    "BackpropRule", "DirectFeedbackRule", "FeedbackLearner", "MicroBatch", "OutputSignal",
+    "PepitaRule", "Reduce", "StageRule", "build_calibration_rule", "build_stage_rule",
+    "output_signal",
 ]
 
 
-def build_stage_rule(cfg: Config, model: BlockModel, first: int, last: int) -> StageRule:
-    """The rule for blocks [first, last) of `model` (built identically on every rank)."""
-    blocks = list(model.blocks)[first:last]
+def _stage_blocks(model: BlockModel, first: int, last: int) -> list:
+    missing = [i for i in range(first, last) if not model.is_materialized(i)]
+    if missing:
+        raise ValueError(f"blocks {missing} are not materialised on this rank "
+                         "(BlockModel.materialize)")
+    return list(model.blocks)[first:last]
+
+
+def build_stage_rule(cfg: Config, model: BlockModel, first: int, last: int,
+                     reduce: Reduce = no_reduce) -> StageRule:
+    """The rule for blocks [first, last) of `model` (identical on every rank that builds it)."""
+    blocks = _stage_blocks(model, first, last)
     n = len(model.blocks)
-    params = [p for b in blocks for p in b.parameters()]
-    opt = build_optimizer(params, cfg.optim)
+    opt = build_optimizer([p for b in blocks for p in b.parameters()], cfg.optim)
     rule = cfg.rule
     if rule == "bp":
-        return BackpropRule(blocks, first, n, opt)
+        return BackpropRule(blocks, first, n, opt, name="bp", reduce=reduce)
     if rule == "fa":
         convert_to_fa(blocks, first, cfg.seed)
-        out = BackpropRule(blocks, first, n, opt)
-        out.name = "fa"
-        return out
+        return BackpropRule(blocks, first, n, opt, name="fa", reduce=reduce)
     if rule == "pepita":
         return PepitaRule(blocks, first, n, opt, model.input_shape, model.num_classes,
-                          cfg.pepita.f_scale, cfg.seed)
+                          cfg.pepita.f_scale, cfg.seed, reduce)
     if rule in ("dfa", "drtp", "grape"):
+        device = next(p.device for b in blocks for p in b.parameters())
         # B_l for every hidden block, keyed by (seed, block): the same whatever the partition.
+        # Leaf parameters so that a torch optimiser can step them; they never enter an autograd
+        # graph (GrAPE's gradients come from the closed form of eq. 17).
         feedback = {
-            i: init_feedback(model.num_classes, model.blocks[i].out_features,
-                             keyed_generator(cfg.seed, "feedback", i), cfg.feedback.init,
-                             cfg.feedback.normalize_columns)
+            i: nn.Parameter(init_feedback(model.num_classes, model.blocks[i].out_features,
+                                          keyed_generator(cfg.seed, "feedback", i),
+                                          cfg.feedback.init,
+                                          cfg.feedback.normalize_columns).to(device),
+                            requires_grad=False)
             for i in range(first, min(last, n - 1))
         }
-        out = DirectFeedbackRule(
-            blocks, first, n, opt, feedback,
-            signal="target" if rule == "drtp" else "error",
-            grape=cfg.grape if rule == "grape" else None,
-            b_optimizer_factory=lambda ps: build_optimizer(ps, cfg.grape.b_optim),
-            seed=cfg.seed, name=rule,
-        )
-        out.streaming = cfg.pipeline.streaming
-        return out
+        learner = None
+        if rule == "grape":
+            # A stage holding only the output block has no B, but still carries tangents.
+            b_opt = build_optimizer(list(feedback.values()), cfg.grape.b_optim) \
+                if feedback else None
+            learner = FeedbackLearner(feedback, cfg.grape, cfg.seed, b_opt, num_hidden=n - 1,
+                                      reduce=reduce)
+        return DirectFeedbackRule(blocks, first, n, opt, feedback, name=rule,
+                                  signal="target" if rule == "drtp" else "error",
+                                  learner=learner, streaming=cfg.pipeline.streaming,
+                                  reduce=reduce)
     raise ValueError(f"unknown rule {rule!r}")
 
 
-def build_calibration_rule(cfg: Config, model: BlockModel, first: int, last: int) -> BackpropRule:
-    """BP on the same blocks with the calibration optimiser (its own momentum state)."""
-    blocks = list(model.blocks)[first:last]
+def build_calibration_rule(cfg: Config, model: BlockModel, first: int, last: int,
+                           reduce: Reduce = no_reduce) -> BackpropRule:
+    """BP on the same blocks with the calibration optimiser, whose state is fresh at every
+    calibration (the paper's single BP step)."""
+    blocks = _stage_blocks(model, first, last)
     opt = build_optimizer([p for b in blocks for p in b.parameters()], cfg.calibration.optim)
-    out = BackpropRule(blocks, first, len(model.blocks), opt)
-    out.name = "calibration"
-    return out
+    return BackpropRule(blocks, first, len(model.blocks), opt, name="calibration",
+                        reduce=reduce, fresh_optimizer_state=True)

@@ -17,23 +17,31 @@ from torch import nn
 
 from ..models import Block
 from ..rng import keyed_generator
-from .base import MicroBatch, OutputSignal, StageRule
+from .base import MicroBatch, OutputSignal, Reduce, StageRule, no_reduce
 
 
 class BackpropRule(StageRule):
-    name = "bp"
+    """Exact BP through the stage (or FA's modified chain after `convert_to_fa`).
+
+    `fresh_optimizer_state`: forget the optimiser's state (momentum, Adam moments) before each
+    step. The calibration step uses it: one BP step on one mini-batch, epochs apart, must not
+    re-apply the gradients of the previous calibration through a stale momentum buffer.
+    """
+
     sequential_backward = True
 
     def __init__(
-        self, blocks: list[Block], first: int, num_blocks: int, optimizer: torch.optim.Optimizer
+        self, blocks: list[Block], first: int, num_blocks: int, optimizer: torch.optim.Optimizer,
+        *, name: str = "bp", reduce: Reduce = no_reduce, fresh_optimizer_state: bool = False,
     ) -> None:
-        super().__init__(blocks, first, num_blocks)
-        self.optimizer = optimizer
+        super().__init__(blocks, first, num_blocks, optimizer, reduce)
+        self.name = name
+        self.fresh_optimizer_state = fresh_optimizer_state
         self._stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, mb: MicroBatch, x: torch.Tensor, tangents: torch.Tensor | None = None):
         # A stage's input is a leaf: the first stage's is data, a later stage's gradient is
-        # handed back to the previous stage by the runtime.
+        # handed back to the previous stage by the schedule.
         x_in = x.detach().requires_grad_(self.first > 0)
         with torch.enable_grad():
             y = x_in
@@ -42,15 +50,21 @@ class BackpropRule(StageRule):
         self._stash[mb.index] = (x_in, y)
         return y, None
 
-    def backward(self, mb: MicroBatch, signal: OutputSignal, grad_output: torch.Tensor | None):
+    def backward(self, mb: MicroBatch, signal: OutputSignal | None,
+                 grad_output: torch.Tensor | None):
         x_in, y = self._stash.pop(mb.index)
-        grad = signal.error if grad_output is None else grad_output
-        torch.autograd.backward(y, grad)
+        if grad_output is None:
+            if signal is None:
+                raise ValueError("the last stage's backward needs the output signal")
+            grad_output = signal.error
+        torch.autograd.backward(y, grad_output)
         return x_in.grad if x_in.requires_grad else None
 
     def finish_step(self) -> dict[str, float]:
         if self._stash:
             raise RuntimeError(f"{len(self._stash)} micro-batches got no backward this step")
+        if self.fresh_optimizer_state:
+            self.optimizer.state.clear()
         self._apply_update()
         return {}
 

@@ -1,11 +1,12 @@
 """The interface every learning rule implements for one pipeline stage.
 
-A stage holds a contiguous range of a model's blocks. For each micro-batch the runtime calls
+A stage holds a contiguous range of a model's blocks. For each micro-batch a schedule calls
 `forward` on every stage in order, computes the `OutputSignal` at the end of the pipeline
 (`output_signal`), hands it to every stage (`backward`, in reverse stage order, with the
 gradient from the next stage for the rules that need one), and after the last micro-batch calls
 `finish_step` on every stage. One process is the pipeline with one stage: the math below runs
-unchanged on 1 or P ranks. Nothing here knows about torch.distributed.
+unchanged on 1 or P ranks. Nothing here knows about torch.distributed: a rule is given, at
+construction, a `reduce` function that sums tensors over the data-parallel replicas of its stage.
 """
 
 from __future__ import annotations
@@ -18,16 +19,23 @@ import torch.nn.functional as F
 
 from ..models import Block
 
+# Sums a list of tensors in place over the data-parallel replicas of a stage.
+Reduce = Callable[[list[torch.Tensor]], None]
 
-@dataclass
+
+def no_reduce(tensors: list[torch.Tensor]) -> None:
+    """One replica: nothing to sum."""
+
+
+@dataclass(frozen=True)
 class MicroBatch:
-    """Where a micro-batch sits in its mini-batch; keys the random draws of a step."""
+    """Where a micro-batch sits in its global mini-batch; keys the random draws of a step."""
 
     step: int
-    index: int
-    start: int  # first row within the mini-batch
+    index: int  # position among this replica's micro-batches
+    start: int  # first row within the global mini-batch (all replicas together)
     size: int
-    total: int  # rows in the whole mini-batch (the loss is a mean over them)
+    total: int  # rows in the global mini-batch (the loss is a mean over them)
 
 
 @dataclass
@@ -69,33 +77,30 @@ class StageRule:
     """
 
     name = "base"
-    # True for rules whose stages need the gradient of the next stage (BP, FA): the runtime then
-    # runs the backward stage by stage in reverse; False for the direct rules, whose stages
-    # update concurrently from the broadcast signal alone.
+    # True for rules whose stages need the gradient of the next stage (BP, FA): the schedule
+    # then runs the backward stage by stage in reverse; False for the direct rules, whose
+    # stages update concurrently from the broadcast signal alone.
     sequential_backward = False
     # PEPITA: a second, modulated forward pass after the error is known.
     second_pass = False
 
-    optimizer: torch.optim.Optimizer  # the weights' optimiser (the trainer schedules its lr)
-
-    def __init__(self, blocks: list[Block], first: int, num_blocks: int) -> None:
+    def __init__(self, blocks: list[Block], first: int, num_blocks: int,
+                 optimizer: torch.optim.Optimizer, reduce: Reduce = no_reduce) -> None:
         self.blocks = blocks
         self.first = first
         self.num_blocks = num_blocks
-        # Sums tensors in place across the data-parallel replicas of this stage; set by the
-        # distributed runtime, a no-op in one process.
-        self.reduce_fn: Callable[[list[torch.Tensor]], None] | None = None
-        # Direct rules: apply each micro-batch's update as soon as its signal arrives
-        # (pipeline.streaming) instead of at the end of the mini-batch.
-        self.streaming = False
-
-    def _reduce(self, tensors: list[torch.Tensor]) -> None:
-        if self.reduce_fn is not None and tensors:
-            self.reduce_fn(tensors)
+        self.optimizer = optimizer  # the weights' optimiser (the runtime exposes it)
+        self.reduce = reduce
+        self._stash: dict[int, object] = {}  # per micro-batch, until its update
 
     def _apply_update(self) -> None:
         """Sum the gradients over replicas, step the weights' optimiser, clear gradients."""
-        self._reduce([p.grad for p in self.parameters() if p.grad is not None])
+        params = self.parameters()
+        for p in params:
+            # Every replica reduces the same list, also one that had no rows this step.
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        self.reduce([p.grad for p in params])
         self.optimizer.step()
         # Keep the gradient buffers (zeroed): the next step accumulates into them in place
         # instead of allocating (and page-faulting) fresh weight-sized tensors.
@@ -123,10 +128,11 @@ class StageRule:
         raise NotImplementedError
 
     def backward(
-        self, mb: MicroBatch, signal: OutputSignal, grad_output: torch.Tensor | None
+        self, mb: MicroBatch, signal: OutputSignal | None, grad_output: torch.Tensor | None
     ) -> torch.Tensor | None:
-        """Take the broadcast signal of `mb`; returns the gradient for the previous stage, if
-        `sequential_backward`."""
+        """Take the broadcast signal of `mb` (and, if `sequential_backward`, the gradient from
+        the next stage, None at the last stage); returns the gradient for the previous stage,
+        if `sequential_backward`."""
         raise NotImplementedError
 
     def modulated_forward(
@@ -138,10 +144,14 @@ class StageRule:
         """Apply the mini-batch's update; returns per-step statistics (e.g. alignment)."""
         raise NotImplementedError
 
-    def output_tangent_shape(self, mb_size: int) -> tuple[int, int] | None:
-        """(streams, samples) of the output tangents a micro-batch produces; None: no tangents.
-        Lets the runtime size the broadcast signal in advance."""
+    def output_tangent_shape(self, mb: MicroBatch) -> tuple[int, int] | None:
+        """(streams, rows) of the output tangents micro-batch `mb` produces; None: no tangents.
+        Lets every stage size the broadcast signal in advance."""
         return None
+
+    def in_flight(self) -> int:
+        """Micro-batches stashed and not yet used by an update (0 after `finish_step`)."""
+        return len(self._stash)
 
     def reset_step(self) -> None:
         """Drop everything stashed for the current mini-batch without updating (used to abandon
@@ -157,9 +167,3 @@ class StageRule:
     # Feedback matrices by global block index (direct rules); empty for the others.
     def feedback_matrices(self) -> dict[int, torch.Tensor]:
         return {}
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass

@@ -6,15 +6,14 @@ Every hidden block l receives a signal projected straight from the output,
 block is trained with the true error. No gradient crosses a block boundary, so the blocks of all
 stages update concurrently once the signal is broadcast.
 
-GrAPE additionally learns B_l: during the forward pass it perturbs each hidden block with a
-Gaussian tangent, pushes the tangents to the output by forward-mode AD (`tangents.py`), forms the
-rank-1 Jacobian estimate J_hat_l = sum_s g_s p_s^T, takes one optimiser step on
-L_align = 1 - mean_k cos(B_l[:, k], J_hat_l[:, k]) (gradient: eq. 17), renormalises the columns
-of B_l, and only then applies the DFA update with the refined B_l.
+GrAPE is this rule with a `FeedbackLearner` (`grape.py`): it carries tangents during the forward
+pass, accumulates J_hat when the signal arrives, and refines every B_l before the update.
 
 Synchronous semantics: the B step uses J_hat summed over all micro-batches of the mini-batch and
 the weight update is applied once per mini-batch, so any number of stages and micro-batches
-follows the same trajectory.
+follows the same trajectory. With `streaming`, each micro-batch's local backward runs as soon as
+its signal arrives (its activations are freed at once), with B from before this mini-batch's B
+step.
 """
 
 from __future__ import annotations
@@ -24,12 +23,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..config import GrapeConfig
 from ..models import Block
-from ..rng import keyed_generator
-from . import feedback as fb
-from .base import MicroBatch, OutputSignal, StageRule, accumulate_grad
-from .tangents import block_forward, layer_forward
+from .base import MicroBatch, OutputSignal, Reduce, StageRule, accumulate_grad, no_reduce
+from .grape import FeedbackLearner
+from .tangents import Rows, block_forward, layer_forward
 
 
 @dataclass
@@ -38,14 +35,16 @@ class _Stash:
 
     outputs: list[torch.Tensor] = field(default_factory=list)  # block outputs, with local graphs
     dense: dict[int, torch.Tensor] = field(default_factory=dict)  # dense blocks' Linear inputs
-    # GrAPE: per hidden block, the tangent direction p (activation space) or u / (|x|^2+1)
-    # (weight space), on the first m samples.
-    directions: dict[int, torch.Tensor] = field(default_factory=dict)
+    directions: dict[int, torch.Tensor] = field(default_factory=dict)  # GrAPE: tangents p_l
     signal: OutputSignal | None = None
 
 
 class DirectFeedbackRule(StageRule):
-    """DFA (`signal='error'`), DRTP (`signal='target'`); GrAPE when `grape` is given."""
+    """DFA (`signal='error'`), DRTP (`signal='target'`); GrAPE when a `learner` is given.
+
+    `feedback`: B_l (d_out x n_l) for every hidden block of the stage, by global index; with a
+    learner these are the same parameters the learner refines.
+    """
 
     def __init__(
         self,
@@ -53,35 +52,26 @@ class DirectFeedbackRule(StageRule):
         first: int,
         num_blocks: int,
         optimizer: torch.optim.Optimizer,
-        feedback: dict[int, torch.Tensor],
+        feedback: dict[int, nn.Parameter],
+        *,
+        name: str,
         signal: str = "error",
-        grape: GrapeConfig | None = None,
-        b_optimizer_factory=None,
-        seed: int = 0,
-        name: str = "dfa",
+        learner: FeedbackLearner | None = None,
+        streaming: bool = False,
+        reduce: Reduce = no_reduce,
     ) -> None:
-        super().__init__(blocks, first, num_blocks)
+        super().__init__(blocks, first, num_blocks, optimizer, reduce)
+        if signal not in ("error", "target"):
+            raise ValueError(f"signal must be 'error' or 'target', got {signal!r}")
         self.name = name
-        self.optimizer = optimizer
         self.signal_kind = signal
-        self.grape = grape
-        self.seed = seed
-        # B_l as leaf parameters so that a torch optimiser can step them; they never enter an
-        # autograd graph (gradients come from the closed form of eq. 17).
-        self.B = {i: nn.Parameter(b.clone().to(self.device), requires_grad=False)
-                  for i, b in feedback.items()}
-        self.b_optimizer = None
-        self.space: dict[int, str] = {}
-        if grape is not None and self.B:
-            self.b_optimizer = b_optimizer_factory(list(self.B.values()))
-            self.space = {i: _choose_space(blocks[i - first], grape.tangent_space) for i in self.B}
+        self.B = feedback
+        self.learner = learner
+        self.streaming = streaming
         # Blocks whose local update has a closed form (Linear + activation): updated in one
         # GEMM over all micro-batches instead of one autograd backward per micro-batch.
         self._dense = [_dense_parts(b) for b in blocks]
         self._stash: dict[int, _Stash] = {}
-        self._jhat: dict[int, torch.Tensor] = {}
-        self._noise_step = -1
-        self._noise: dict[int, torch.Tensor | tuple[torch.Tensor, torch.Tensor]] = {}
 
     def feedback_matrices(self) -> dict[int, torch.Tensor]:
         return {i: b.detach() for i, b in self.B.items()}
@@ -91,128 +81,61 @@ class DirectFeedbackRule(StageRule):
     def forward(self, mb: MicroBatch, x: torch.Tensor, tangents: torch.Tensor | None):
         stash = _Stash()
         self._stash[mb.index] = stash
-        m = mb.size if not self.grape or not self.grape.tangent_samples else min(
-            mb.size, self.grape.tangent_samples)
+        rows = self.learner.rows(mb)[2] if self.learner is not None else None
         for offset, block in enumerate(self.blocks):
             i = self.first + offset
             x_in = x.detach()
-            weight_space = i in self.B and self.grape is not None and self.space[i] == "weight"
-            if self._dense[offset] is not None and not weight_space:
-                y, tangents = self._dense_forward(offset, x_in, tangents, stash)
+            if self._dense[offset] is not None:
+                y, tangents = self._dense_forward(offset, x_in, tangents, rows, stash)
             else:
                 with torch.enable_grad():
-                    if weight_space:
-                        y, tangents = self._weight_space_forward(block, i, mb, x_in, tangents,
-                                                                 m, stash)
-                    else:
-                        y, tangents = block_forward(block, x_in, tangents)
-            if i in self.B and self.grape is not None and self.space[i] == "activation":
-                p = self._activation_noise(i, mb, block.out_shape)[:m]
-                stash.directions[i] = p
-                tangents = self._route(tangents, p)
+                    y, tangents = block_forward(block, x_in, tangents, rows)
+            if self.learner is not None and i in self.B:
+                p = self.learner.draw(i, mb, block.out_shape, y.device)
+                if p is not None:
+                    stash.directions[i] = p
+                    tangents = self.learner.route(tangents, p)
             stash.outputs.append(y)
             x = y
         return x.detach(), tangents
 
     @torch.no_grad()
-    def _dense_forward(self, offset: int, x: torch.Tensor, tangents, stash: _Stash):
+    def _dense_forward(self, offset: int, x: torch.Tensor, tangents, rows: Rows | None,
+                       stash: _Stash):
         """A [Flatten] Linear [ReLU|Tanh] block without an autograd graph: its update is
         computed in closed form over all micro-batches at once (`_dense_update`)."""
         pre, linear, act = self._dense[offset]
         for layer in pre:
-            x, tangents = layer_forward(layer, x, tangents)
-        y, tangents = layer_forward(linear, x, tangents)
+            x, tangents = layer_forward(layer, x, tangents, rows)
+        y, tangents = layer_forward(linear, x, tangents, rows)
         if act is not None:
-            y, tangents = layer_forward(act, y, tangents)
+            y, tangents = layer_forward(act, y, tangents, rows)
         stash.dense[offset] = x
         return y, tangents
 
-    def _route(self, tangents: torch.Tensor | None, new: torch.Tensor) -> torch.Tensor:
-        """Add block l's own tangent: a new stream (per-block) or onto the single stream."""
-        if tangents is None:
-            return new.unsqueeze(0)
-        if self.grape.routing == "per_block":
-            return torch.cat([tangents, new.unsqueeze(0)])
-        return tangents + new.unsqueeze(0)
-
-    def _refresh_noise(self, step: int) -> None:
-        if step != self._noise_step:
-            self._noise_step, self._noise = step, {}
-
-    def _activation_noise(self, i: int, mb: MicroBatch, shape: tuple[int, ...]) -> torch.Tensor:
-        # Every row: drawn for the whole mini-batch from a stream keyed by (seed, step, block),
-        # then sliced, so the numbers do not depend on the stage layout or the micro-batching.
-        # A few rows per micro-batch (tangent_samples): drawn for those rows only, keyed by the
-        # micro-batch's first row as well.
-        if self.grape.tangent_samples:
-            m = min(mb.size, self.grape.tangent_samples)
-            gen = keyed_generator(self.seed, "tangent", mb.step, i, mb.start)
-            return torch.randn(m, *shape, generator=gen).to(self.device)
-        self._refresh_noise(mb.step)
-        if i not in self._noise:
-            gen = keyed_generator(self.seed, "tangent", mb.step, i)
-            self._noise[i] = torch.randn(mb.total, *shape, generator=gen).to(self.device)
-        return self._noise[i][mb.start:mb.start + mb.size]
-
-    def _weight_space_forward(self, block, i, mb, x, tangents, m, stash):
-        """Perturb block i's Linear weights (W, b) by one Gaussian draw (P, q) per mini-batch.
-
-        At the Linear's output the tangent is u_s = P x_s + q, with E[u_s u_s^T] =
-        (|x_s|^2 + 1) I; so J_hat = sum_s g_s u_s^T / (|x_s|^2 + 1) is unbiased for the summed
-        Jacobian of the output w.r.t. the block's pre-activation (what the DFA update uses).
-        """
-        self._refresh_noise(mb.step)
-        seen_linear = False
-        for layer in block:
-            if isinstance(layer, nn.Linear) and not seen_linear:
-                seen_linear = True
-                if i not in self._noise:
-                    gen = keyed_generator(self.seed, "tangent", mb.step, i)
-                    self._noise[i] = (
-                        torch.randn(layer.weight.shape, generator=gen).to(self.device),
-                        torch.randn(layer.out_features, generator=gen).to(self.device))
-                p, q = self._noise[i]
-                xm = x[:m].detach()
-                u = xm @ p.T + q
-                stash.directions[i] = u / (xm.pow(2).sum(1, keepdim=True) + 1)
-                x, tangents = layer_forward(layer, x, tangents)
-                tangents = self._route(tangents, u)
-            else:
-                x, tangents = layer_forward(layer, x, tangents)
-        return x, tangents
-
     # -- signal and update -------------------------------------------------------------------
 
-    def backward(self, mb: MicroBatch, signal: OutputSignal, grad_output=None):
+    def backward(self, mb: MicroBatch, signal: OutputSignal | None, grad_output=None):
+        if signal is None:
+            raise ValueError(f"{self.name} needs the broadcast output signal")
         stash = self._stash[mb.index]
         stash.signal = signal
-        if self.grape is not None:
-            for i, d in stash.directions.items():
-                # Stream of block i: its position among the hidden blocks (per-block routing),
-                # or the single shared stream.
-                k = i if self.grape.routing == "per_block" else 0
-                j = fb.jacobian_estimate(signal.tangents[k], d)
-                self._jhat[i] = self._jhat[i] + j if i in self._jhat else j
+        if self.learner is not None:
+            for i, p in stash.directions.items():
+                self.learner.accumulate(i, signal.tangents, p)
         if self.streaming:
             # Update now and free this micro-batch's activations; GrAPE's B step waits for
             # the end of the mini-batch, so this update uses the previous step's B.
             self._local_backward([self._stash.pop(mb.index)])
         return None
 
-    def output_tangent_shape(self, mb_size: int) -> tuple[int, int] | None:
-        """(streams K, tangent samples m) of the output tangents of a micro-batch."""
-        if self.grape is None:
-            return None
-        m = min(mb_size, self.grape.tangent_samples or mb_size)
-        return (self.num_blocks - 1 if self.grape.routing == "per_block" else 1), m
-
-    def jacobian_estimates(self) -> dict[int, torch.Tensor]:
-        """J_hat_l accumulated over the micro-batches received so far this step."""
-        return dict(self._jhat)
+    def output_tangent_shape(self, mb: MicroBatch) -> tuple[int, int] | None:
+        return self.learner.output_tangent_shape(mb) if self.learner is not None else None
 
     def reset_step(self) -> None:
         super().reset_step()
-        self._jhat = {}
+        if self.learner is not None:
+            self.learner.reset()
 
     def _projection_source(self, signal: OutputSignal) -> torch.Tensor:
         if self.signal_kind == "target":
@@ -221,20 +144,7 @@ class DirectFeedbackRule(StageRule):
         return signal.error
 
     def finish_step(self) -> dict[str, float]:
-        stats: dict[str, float] = {}
-        if self.grape is not None and self._jhat:
-            # Replicas sum their estimates first, so every replica takes the same B step.
-            self._reduce([self._jhat[i] for i in sorted(self._jhat)])
-            for i, b in self.B.items():
-                loss, grad = fb.alignment_loss_grad(b.data, self._jhat[i], self.grape.eps)
-                b.grad = grad
-                stats[f"align_cos/{i}"] = 1.0 - float(loss)
-            self.b_optimizer.step()
-            with torch.no_grad():
-                for b in self.B.values():
-                    b.copy_(fb.normalize_columns(b, self.grape.eps))
-                    b.grad = None
-            self._jhat = {}
+        stats = self.learner.step() if self.learner is not None else {}
         self._local_backward(list(self._stash.values()))
         self._stash = {}
         self._apply_update()
@@ -284,19 +194,6 @@ class DirectFeedbackRule(StageRule):
         if linear.bias is not None:
             accumulate_grad(linear.bias, delta.sum(0))
 
-    def state_dict(self) -> dict:
-        state = {"B": {i: b.detach().clone() for i, b in self.B.items()}}
-        if self.b_optimizer is not None:
-            state["b_optimizer"] = self.b_optimizer.state_dict()
-        return state
-
-    def load_state_dict(self, state: dict) -> None:
-        with torch.no_grad():
-            for i, b in state["B"].items():
-                self.B[i].copy_(b)
-        if self.b_optimizer is not None and "b_optimizer" in state:
-            self.b_optimizer.load_state_dict(state["b_optimizer"])
-
 
 def _dense_parts(block: nn.Module):
     """(flatten layers, Linear, activation or None) for blocks of the form
@@ -315,30 +212,3 @@ def _dense_parts(block: nn.Module):
     if layers or (act is not None and getattr(act, "inplace", False)):
         return None
     return pre, linear, act
-
-
-def _leading_linear(block: nn.Module) -> nn.Linear | None:
-    """The block's first layer with parameters, if it is a Linear (weight-space tangents)."""
-    for layer in block.children():
-        if any(True for _ in layer.parameters()):
-            return layer if isinstance(layer, nn.Linear) else None
-    return None
-
-
-def _choose_space(block: Block, space: str) -> str:
-    """activation | weight for one block; `auto` picks the smaller space where both apply."""
-    lin = _leading_linear(block)
-    if space == "weight":
-        if lin is None or not isinstance(block, nn.Sequential):
-            raise ValueError(
-                f"grape.tangent_space=weight needs blocks that start with a Linear layer; block "
-                f"'{block.name}' does not (its weight-space tangent would be a biased estimate of "
-                "its Jacobian). Use tangent_space: activation or auto."
-            )
-        return "weight"
-    if space == "auto":
-        if lin is not None and isinstance(block, nn.Sequential):
-            if lin.weight.numel() + lin.out_features < block.out_features:
-                return "weight"
-        return "activation"
-    return "activation"

@@ -31,12 +31,6 @@ def normalize_columns(b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return b / (b.norm(dim=0, keepdim=True) + eps)
 
 
-def column_cosines(b: torch.Tensor, j: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """cos(B[:, k], J[:, k]) for every column k."""
-    num = (b * j).sum(0)
-    return num / (b.norm(dim=0) * j.norm(dim=0) + eps)
-
-
 def alignment_loss_grad(b: torch.Tensor, j: torch.Tensor, eps: float = 1e-8):
     """L_align = 1 - mean_k cos(b_k, j_k) and its gradient in closed form (eq. 17).
 

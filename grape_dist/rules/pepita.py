@@ -15,7 +15,7 @@ from torch import nn
 
 from ..models import Block
 from ..rng import keyed_generator
-from .base import MicroBatch, OutputSignal, StageRule, accumulate_grad
+from .base import MicroBatch, OutputSignal, Reduce, StageRule, accumulate_grad, no_reduce
 
 
 def _split_linear(block: Block) -> tuple[list[nn.Module], nn.Linear, list[nn.Module]]:
@@ -34,9 +34,8 @@ class PepitaRule(StageRule):
 
     def __init__(self, blocks: list[Block], first: int, num_blocks: int,
                  optimizer: torch.optim.Optimizer, input_shape: tuple[int, ...], d_out: int,
-                 f_scale: float, seed: int) -> None:
-        super().__init__(blocks, first, num_blocks)
-        self.optimizer = optimizer
+                 f_scale: float, seed: int, reduce: Reduce = no_reduce) -> None:
+        super().__init__(blocks, first, num_blocks, optimizer, reduce)
         self.parts = [_split_linear(b) for b in blocks]
         self.input_shape = input_shape
         d_in = math.prod(input_shape)

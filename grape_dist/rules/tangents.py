@@ -1,8 +1,9 @@
 """Forward-mode tangents carried alongside the activations (GrAPE's JVPs).
 
 A tangent bundle is a tensor of shape (K, m, *feat): K tangent streams (one per perturbed block
-with per-block routing, one with shared routing) on the first m samples of the micro-batch.
-Pushing it through a layer gives the Jacobian-vector products J_layer(x) t for every stream.
+with per-block routing, one with shared routing) on m rows of the micro-batch, `rows` (a slice
+or an index tensor; default: the first m). Pushing it through a layer gives the
+Jacobian-vector products J_layer(x[rows]) t for every stream.
 
 Two implementations of the same math:
 - a fast path for the layers the models use (Linear, Conv2d, ReLU, Tanh, max/avg pools,
@@ -29,8 +30,13 @@ def _unfold(t: torch.Tensor, k: int) -> torch.Tensor:
     return t.reshape(k, t.shape[0] // k, *t.shape[1:])
 
 
-def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
-    """Apply `layer` to the primal `x` (recorded by autograd as usual) and push tangents `t`.
+Rows = slice | torch.Tensor
+
+
+def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None,
+                  rows: Rows | None = None):
+    """Apply `layer` to the primal `x` (recorded by autograd as usual) and push tangents `t`,
+    which sit on rows `rows` of `x` (default: the first t.shape[1] rows).
 
     Returns (y, t_out); `t_out` is None when `t` is None. Tangent arithmetic never enters the
     autograd graph: it uses detached weights and primal-derived masks.
@@ -38,6 +44,8 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
     if t is None:
         return layer(x), None
     k, m = t.shape[0], t.shape[1]
+    if rows is None:
+        rows = slice(0, m)
     if isinstance(layer, nn.Linear) and x.dim() == 2:
         # Tangent rows stacked under the primal rows: one GEMM reads the weights once (a few
         # tangent rows in a GEMM of their own cost almost a whole forward: memory-bound).
@@ -55,17 +63,18 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
         return y, _unfold(both[n:], k)
     if isinstance(layer, nn.ReLU):
         y = layer(x)
-        return y, t * (x[:m].detach() > 0)
+        return y, t * (x[rows].detach() > 0)
     if isinstance(layer, nn.Tanh):
         y = layer(x)
-        yd = y[:m].detach()
+        yd = y[rows].detach()
         return y, t * (1 - yd * yd)
     if isinstance(layer, nn.MaxPool2d) and not layer.return_indices and layer.dilation == 1:
         y, idx = F.max_pool2d(x, layer.kernel_size, layer.stride, layer.padding,
                               layer.dilation, layer.ceil_mode, return_indices=True)
         # The max pool's derivative selects the arg-max input of each window: gather the tangent
         # at the primal's indices (flattened per channel).
-        idx = idx[:m].unsqueeze(0).expand(k, *idx[:m].shape)
+        idx = idx[rows]
+        idx = idx.unsqueeze(0).expand(k, *idx.shape)
         tt = t.flatten(3).gather(3, idx.flatten(3)).reshape(idx.shape)
         return y, tt
     if isinstance(layer, nn.AvgPool2d):
@@ -76,7 +85,7 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
                                    else layer.end_dim + 1)
     if isinstance(layer, nn.Identity):
         return x, t
-    return generic_layer_forward(layer, x, t)
+    return generic_layer_forward(layer, x, t, rows)
 
 
 class _PrecomputedLinear(torch.autograd.Function):
@@ -123,32 +132,28 @@ class _PrecomputedConv2d(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
-def generic_layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor):
+def generic_layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor,
+                          rows: Rows | None = None):
     """Reference path: forward-mode AD through any module, one stream at a time."""
     y = layer(x)
-    m = t.shape[1]
+    if rows is None:
+        rows = slice(0, t.shape[1])
     outs = []
     with torch.no_grad(), fwAD.dual_level():
         for stream in t:
-            dual = fwAD.make_dual(x[:m].detach(), stream)
+            dual = fwAD.make_dual(x[rows].detach(), stream)
             outs.append(fwAD.unpack_dual(layer(dual)).tangent)
     return y, torch.stack(outs)
 
 
-def block_forward(block: nn.Module, x: torch.Tensor, t: torch.Tensor | None):
-    """Forward through a block's layers, carrying the tangent bundle."""
+def block_forward(block: nn.Module, x: torch.Tensor, t: torch.Tensor | None,
+                  rows: Rows | None = None):
+    """Forward through a block's layers, carrying the tangent bundle (on rows `rows`)."""
     if t is None:
         return block(x), None
     if isinstance(block, nn.Sequential):
         for layer in block:
-            x, t = layer_forward(layer, x, t)
+            x, t = layer_forward(layer, x, t, rows)
         return x, t
-    return generic_layer_forward(block, x, t)
+    return generic_layer_forward(block, x, t, rows)
 
-
-def push_tangents(blocks, h: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """The JVPs of `blocks` (applied in order) at input `h` along the streams of `t`."""
-    with torch.no_grad():
-        for block in blocks:
-            h, t = block_forward(block, h, t)
-    return t

@@ -1,6 +1,15 @@
-"""Runtimes that drive the per-stage rules: in one process now, across ranks next."""
+"""The pipeline runtime: layout, transport, schedules and the engine that drives them.
 
-from .local import LocalPipeline, StepResult, split_micro_batches
-from .stage import Stage, build_stages
+One code path for one process (every stage here, in-process transport) and P ranks (this rank's
+stages, torch.distributed transport); `build_engine` chooses.
+"""
 
-__all__ = ["LocalPipeline", "Stage", "StepResult", "build_stages", "split_micro_batches"]
+from .build import build_engine
+from .engine import PipelineEngine
+from .final_state import load_final_state
+from .layout import Layout, LayoutError, plan_layout
+from .schedules import StepResult, split_micro_batches
+from .stage import Stage
+
+__all__ = ["Layout", "LayoutError", "PipelineEngine", "Stage", "StepResult", "build_engine",
+           "load_final_state", "plan_layout", "split_micro_batches"]

@@ -1,0 +1,92 @@
+"""One place that decides the runtime: the transport, the stage split, which blocks this rank
+materialises, the rules (built complete) and the schedules."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..config import CALIBRATED_RULES, Config
+from ..models import BlockModel
+from ..rules import build_calibration_rule, build_stage_rule
+from .engine import PipelineEngine
+from .layout import Layout
+from .partition import measured_costs, partition
+from .schedules import (
+    ForwardThenBroadcast,
+    Schedule,
+    SequentialBackward,
+    StreamingSignals,
+    TwoForwardPasses,
+)
+from .stage import Stage
+from .transport import InProcessTransport, Transport
+
+log = logging.getLogger("grape_dist")
+
+
+def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.device,
+                 bounds: list[tuple[int, int]] | None = None) -> PipelineEngine:
+    """The engine for this process: every stage here (`layout.placement == "all"`), or this
+    rank's stages of the mesh (torch.distributed must be initialised with
+    `layout.world_size` ranks). `model` may be all meta: only this rank's blocks are built.
+    `bounds` overrides the configured split (in-process tests)."""
+    mesh = None
+    if layout.placement == "all":
+        rank, transport = 0, InProcessTransport()
+    else:
+        import torch.distributed as dist
+
+        from ..distributed.mesh import Mesh
+        from ..distributed.transport import DistributedTransport
+
+        rank = dist.get_rank()
+        mesh = Mesh.create(layout)
+        transport = DistributedTransport(mesh, layout, device)
+    if bounds is None:
+        bounds = _stage_bounds(cfg, model, layout, transport, rank, device)
+    if len(bounds) != layout.num_stages:
+        raise ValueError(f"{len(bounds)} stage bounds for {layout.num_stages} stages")
+    local = layout.stages_at(layout.position(rank)) if layout.placement != "all" \
+        else list(range(layout.num_stages))
+    model.materialize([i for s in local for i in range(*bounds[s])], cfg.seed, device)
+    reduce = transport.all_reduce_replicas
+    calibrate = cfg.rule in CALIBRATED_RULES and cfg.calibration.every_epochs > 0
+    stages = [Stage(s, *bounds[s], build_stage_rule(cfg, model, *bounds[s], reduce),
+                    build_calibration_rule(cfg, model, *bounds[s], reduce) if calibrate
+                    else None)
+              for s in local]
+    if rank == 0:
+        log.info("layout %s; blocks per stage %s", layout.describe(),
+                 [b - a for a, b in bounds])
+    args = (transport, layout.num_stages, model.num_classes, device)
+    if cfg.pipeline.schedule != "native":
+        from ..distributed.torch_schedules import TorchPipelineSchedule
+        train: Schedule = TorchPipelineSchedule(
+            cfg.pipeline.schedule, model, stages, layout.num_stages, mesh, transport,
+            cfg.pipeline.micro_batches, cfg.data.batch_size, device)
+    else:
+        train = _native_schedule(cfg)(*args)
+    return PipelineEngine(model, stages, layout, rank, transport, train,
+                          SequentialBackward(*args) if calibrate else None,
+                          cfg.pipeline.micro_batches, device)
+
+
+def _native_schedule(cfg: Config) -> type[Schedule]:
+    if cfg.rule in ("bp", "fa"):
+        return SequentialBackward
+    if cfg.rule == "pepita":
+        return TwoForwardPasses
+    return StreamingSignals if cfg.pipeline.streaming else ForwardThenBroadcast
+
+
+def _stage_bounds(cfg: Config, model: BlockModel, layout: Layout, transport: Transport,
+                  rank: int, device: torch.device) -> list[tuple[int, int]]:
+    p = cfg.pipeline
+    costs = None
+    if not p.stage_blocks and p.balance == "time" and layout.num_stages > 1:
+        # Measurements differ from rank to rank: everyone takes rank 0's.
+        mine = measured_costs(model, cfg.seed, device) if rank == 0 else None
+        costs = transport.all_gather_object(mine)[0]
+    return partition(model, layout.num_stages, p.stage_blocks, costs)

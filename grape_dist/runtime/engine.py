@@ -1,0 +1,115 @@
+"""The driver: this rank's stages, a transport and the schedules, behind one small interface.
+
+The trainer talks only to a `PipelineEngine`; whether it holds every stage of a one-process run
+or one stage of a pp x dp mesh is decided by `build.build_engine`, not here.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+
+import torch
+
+from ..models import BlockModel
+from ..rules import MicroBatch
+from .final_state import save_stage_state
+from .layout import Layout
+from .schedules import Batch, Inference, Schedule, StepResult, split_micro_batches
+from .stage import Stage
+from .transport import Transport
+
+
+class PipelineEngine:
+    """Runs mini-batches, calibration steps, evaluation and the alignment probe on this rank's
+    stages. Collective: every rank calls the same methods in the same order."""
+
+    def __init__(self, model: BlockModel, stages: list[Stage], layout: Layout, rank: int,
+                 transport: Transport, train: Schedule, calibration: Schedule | None,
+                 micro_batches: int, device: torch.device) -> None:
+        self.model = model  # meta except for this rank's blocks
+        self.stages = stages
+        self.layout = layout
+        self.rank = rank
+        self.replica = layout.replica(rank)
+        self.transport = transport
+        self.train_schedule = train
+        self.calibration_schedule = calibration
+        self.micro_batches = micro_batches
+        self.device = device
+        self.num_classes = model.num_classes
+        self.inference = Inference(transport, layout.num_stages, device)
+
+    # -- training --------------------------------------------------------------------------
+
+    def _batch(self, x: torch.Tensor, y: torch.Tensor, step: int, offset: int,
+               total: int | None) -> Batch:
+        total = len(y) if total is None else total
+        mbs = [MicroBatch(step, j, offset + start, size, total)
+               for j, (start, size) in enumerate(split_micro_batches(len(y),
+                                                                     self.micro_batches))]
+        return Batch(x, y, mbs, offset, total)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
+                   total: int | None = None) -> StepResult:
+        """One mini-batch: this replica's rows `x`, `y`, the first being global row `offset`
+        of a global mini-batch of `total` rows (default: these rows are all of it)."""
+        stages = [(s.index, s.rule) for s in self.stages]
+        return self.train_schedule.run(stages, self._batch(x, y, step, offset, total))
+
+    def calibrate(self, x: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
+                  total: int | None = None) -> StepResult:
+        """One exact BP step through every stage on one mini-batch (Algorithm 1, step 4)."""
+        if self.calibration_schedule is None:
+            raise RuntimeError("calibration is off for this run (calibration.every_epochs = 0)")
+        stages = [(s.index, s.calibration) for s in self.stages]
+        return self.calibration_schedule.run(stages, self._batch(x, y, step, offset, total))
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """The weights' optimisers of this rank's stages (learning-rate schedules set them)."""
+        return [s.rule.optimizer for s in self.stages]
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, int]:
+        """(summed loss, correct) over (x, y) on every rank; chunks shared out over replicas."""
+        starts = list(range(0, len(y), batch_size))[self.replica::self.layout.dp]
+        stages = [(s.index, s.rule) for s in self.stages]
+        return self.inference.run(stages, x, y, starts, batch_size)
+
+    def alignment(self, x: torch.Tensor, y: torch.Tensor, seed: int,
+                  max_outputs: int) -> dict[str, dict[str, float]]:
+        """Per-block alignment metrics on a probe batch, computed where the blocks live."""
+        from ..metrics.alignment import probe_alignment
+        return probe_alignment(self, x, y, seed, max_outputs)
+
+    def merge_stats(self, stats: dict[str, float]) -> dict[str, float]:
+        """Every stage's per-step statistics, on every rank."""
+        out: dict[str, float] = {}
+        for part in self.transport.all_gather_object(stats):
+            out.update(part)
+        return out
+
+    # -- what this rank holds ----------------------------------------------------------------
+
+    def memory_report(self) -> dict[str, list]:
+        """Per rank (in rank order): block parameters held, feedback-matrix entries held, and
+        peak memory in MB (the GPU allocator's high-water mark on CUDA, else peak RSS)."""
+        params = sum(p.numel() for s in self.stages for p in s.rule.parameters())
+        feedback = sum(b.numel() for s in self.stages
+                       for b in s.rule.feedback_matrices().values())
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        rows = self.transport.all_gather_object((params, feedback, round(peak, 1)))
+        return {"parameters_per_rank": [r[0] for r in rows],
+                "feedback_parameters_per_rank": [r[1] for r in rows],
+                "peak_memory_mb_per_rank": [r[2] for r in rows]}
+
+    def save_final(self, out_dir: str | Path, step: int, epoch: int) -> None:
+        """Each stage's weights and feedback matrices, written by replica 0's holder."""
+        if self.replica == 0:
+            for stage in self.stages:
+                save_stage_state(out_dir, stage, self.layout.num_stages, step, epoch)

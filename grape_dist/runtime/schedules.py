@@ -1,0 +1,284 @@
+"""The schedules: how one mini-batch moves through this rank's stages, written once.
+
+A schedule gets this rank's stages as (pipeline index, rule) pairs in pipeline order: every
+stage in one process, one stage (or two, for torch's V schedules) per rank otherwise. It runs
+each stage's part in an order that is valid whichever stages are local: a stage takes its input
+from the data (stage 0) or from `transport.recv`, and hands its output on with `transport.send`;
+the last stage's signals reach every stage through `transport.broadcast`. One process, torchrun
+with one rank and P ranks therefore run this same code over different transports.
+
+- `ForwardThenBroadcast` (DFA, DRTP, GrAPE): all micro-batches forward, then one broadcast of
+  all their signals; every stage then updates concurrently. No gradient crosses stages.
+- `TwoForwardPasses` (PEPITA): the same, then the modulated second forward pass.
+- `StreamingSignals` (direct rules with `pipeline.streaming`): each micro-batch's signal is
+  broadcast as soon as it exists and consumed once the stage has forwarded as many further
+  micro-batches as there are stages after it, so a stage holds about pp micro-batches.
+- `SequentialBackward` (BP, FA, and every rule's calibration step): all forwards, then the
+  backward stage by stage in reverse, passing input gradients back.
+
+Every schedule ends its mini-batch by checking that nothing is left in flight: no pending send,
+no queued message, no unconsumed packet, nothing stashed in a rule.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from ..rules import MicroBatch, OutputSignal, StageRule, output_signal
+from .signals import SignalCodec
+from .transport import InFlightError, Transport
+
+LocalStages = list[tuple[int, StageRule]]
+
+
+@dataclass
+class Batch:
+    """This replica's share of a global mini-batch: rows `x`, `y` (the first is global row
+    `offset`), split into `mbs` (none for a replica without rows), of a mini-batch of `total`
+    rows."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    mbs: list[MicroBatch]
+    offset: int
+    total: int
+
+
+@dataclass
+class StepResult:
+    loss_sum: float  # over the whole global mini-batch (all replicas)
+    correct: int
+    samples: int
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+def split_micro_batches(total: int, micro_batches: int) -> list[tuple[int, int]]:
+    """(start, size) of each micro-batch; sizes differ by at most one; none for no rows."""
+    if total == 0:
+        return []
+    m = min(micro_batches, total)
+    base, extra = divmod(total, m)
+    out, start = [], 0
+    for i in range(m):
+        size = base + (i < extra)
+        out.append((start, size))
+        start += size
+    return out
+
+
+class Schedule:
+    """Shared plumbing: a stage's input and output, the last stage's loss, the end checks."""
+
+    name = "schedule"
+
+    def __init__(self, transport: Transport, num_stages: int, num_classes: int,
+                 device: torch.device) -> None:
+        self.transport = transport
+        self.last = num_stages - 1
+        self.num_classes = num_classes
+        self.device = device
+
+    def run(self, stages: LocalStages, batch: Batch) -> StepResult:
+        """One mini-batch through this rank's stages."""
+        raise NotImplementedError
+
+    # -- pieces ------------------------------------------------------------------------------
+
+    def _forward(self, s: int, rule: StageRule, mb: MicroBatch, batch: Batch,
+                 stats: torch.Tensor) -> OutputSignal | None:
+        """Stage s's forward of `mb`; at the last stage, the loss (added to `stats`) and the
+        output signal."""
+        rows = slice(mb.start - batch.offset, mb.start - batch.offset + mb.size)
+        h, t = (batch.x[rows], None) if s == 0 else self.transport.recv(s - 1, s)
+        h, t = rule.forward(mb, h, t)
+        if s != self.last:
+            self.transport.send([h, t], s, s + 1)
+            return None
+        loss, correct, signal = output_signal(h, batch.y[rows], mb.total, t)
+        stats += torch.tensor([loss, correct], dtype=torch.float64, device=stats.device)
+        return signal
+
+    def _stats(self) -> torch.Tensor:
+        return torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def _finish(self, stages: LocalStages, stats: torch.Tensor, batch: Batch,
+                **pending: int) -> StepResult:
+        """Apply every stage's update, sum the statistics over replicas, check that nothing is
+        left in flight."""
+        out: dict[str, float] = {}
+        for _, rule in stages:
+            out.update(rule.finish_step())
+        self.transport.all_reduce_replicas([stats])
+        self.transport.flush()
+        self._check_idle(stages, **pending)
+        return StepResult(float(stats[0]), int(stats[1]), batch.total, out)
+
+    def _check_idle(self, stages: LocalStages, **pending: int) -> None:
+        where = f"end of mini-batch ({self.name})"
+        self.transport.check_idle(where)
+        stashed = {s: rule.in_flight() for s, rule in stages if rule.in_flight()}
+        if stashed:
+            raise InFlightError(f"{where}: stages still hold micro-batches {stashed}")
+        left = {k: v for k, v in pending.items() if v}
+        if left:
+            raise InFlightError(f"{where}: {left} left over")
+
+    def _holds_last(self, stages: LocalStages) -> bool:
+        return stages[-1][0] == self.last
+
+
+class ForwardThenBroadcast(Schedule):
+    """Direct rules: all forwards, one broadcast of every micro-batch's signal, concurrent
+    updates (the default synchronous semantics)."""
+
+    name = "forward-then-broadcast"
+
+    def run(self, stages, batch):
+        stats = self._stats()
+        signals: list[OutputSignal] = []
+        for mb in batch.mbs:
+            for s, rule in stages:
+                signal = self._forward(s, rule, mb, batch, stats)
+                if signal is not None:
+                    signals.append(signal)
+        codec = SignalCodec(stages[0][1], self.num_classes, self.device)
+        holds_last = self._holds_last(stages)
+        packet = codec.pack(stats, signals) if holds_last else codec.empty(batch.mbs)
+        self.transport.broadcast(packet, self.last).wait()
+        if not holds_last:
+            stats, signals = codec.unpack(packet, batch.mbs, batch.y, batch.offset)
+        for _, rule in stages:
+            for mb, signal in zip(batch.mbs, signals):
+                rule.backward(mb, signal, None)
+        self._after_signal(stages, batch.mbs, signals)
+        return self._finish(stages, stats, batch)
+
+    def _after_signal(self, stages: LocalStages, mbs: list[MicroBatch],
+                      signals: list[OutputSignal]) -> None:
+        pass
+
+
+class TwoForwardPasses(ForwardThenBroadcast):
+    """PEPITA: after the signal, a second forward pass on the error-modulated input."""
+
+    name = "two-forward-passes"
+
+    def _after_signal(self, stages, mbs, signals):
+        for mb, signal in zip(mbs, signals):
+            for s, rule in stages:
+                h = None if s == 0 else self.transport.recv(s - 1, s)[0]
+                h = rule.modulated_forward(mb, signal, h)
+                if s != self.last:
+                    self.transport.send([h], s, s + 1)
+
+
+class StreamingSignals(Schedule):
+    """Direct rules with `pipeline.streaming`: per-micro-batch signals and updates.
+
+    Stage s consumes micro-batch j's signal after forwarding micro-batch j + (last - s), when
+    the pipeline has had time to produce it. The rank holding the last stage starts each
+    micro-batch's broadcast as soon as the signal exists; the other ranks take part in the
+    broadcasts in micro-batch order when they first need one, so every rank issues the same
+    collectives in the same order.
+    """
+
+    name = "streaming-signals"
+
+    def run(self, stages, batch):
+        mbs = batch.mbs
+        stats = self._stats()
+        codec = SignalCodec(stages[0][1], self.num_classes, self.device)
+        signals: dict[int, OutputSignal] = {}
+        posted = []  # broadcasts this rank started as the root
+        waiting: dict[int, deque[MicroBatch]] = {s: deque() for s, _ in stages}
+
+        def signal_of(mb: MicroBatch) -> OutputSignal:
+            while mb.index not in signals:
+                nxt = mbs[len(signals)]
+                packet = codec.empty([nxt])
+                self.transport.broadcast(packet, self.last).wait()
+                mb_stats, (signals[nxt.index],) = codec.unpack(packet, [nxt], batch.y,
+                                                               batch.offset)
+                stats.add_(mb_stats)
+            return signals[mb.index]
+
+        for mb in mbs:
+            for s, rule in stages:
+                mb_stats = self._stats()
+                signal = self._forward(s, rule, mb, batch, mb_stats)
+                if signal is not None:
+                    stats.add_(mb_stats)
+                    signals[mb.index] = signal
+                    packet = codec.pack(mb_stats, [signal])
+                    # Keep the packet alive until its broadcast has completed.
+                    posted.append((packet, self.transport.broadcast(packet, self.last)))
+                waiting[s].append(mb)
+                while len(waiting[s]) > self.last - s:
+                    done = waiting[s].popleft()
+                    rule.backward(done, signal_of(done), None)
+        for s, rule in stages:
+            while waiting[s]:
+                done = waiting[s].popleft()
+                rule.backward(done, signal_of(done), None)
+        for _, handle in posted:
+            handle.wait()
+        return self._finish(stages, stats, batch, unreceived_signals=len(mbs) - len(signals))
+
+
+class SequentialBackward(Schedule):
+    """BP, FA and calibration: all forwards, then the backward stage by stage in reverse."""
+
+    name = "sequential-backward"
+
+    def run(self, stages, batch):
+        stats = self._stats()
+        signals: dict[int, OutputSignal] = {}
+        for mb in batch.mbs:
+            for s, rule in stages:
+                signal = self._forward(s, rule, mb, batch, stats)
+                if signal is not None:
+                    signals[mb.index] = signal
+        for mb in reversed(batch.mbs):
+            for s, rule in reversed(stages):
+                grad = None if s == self.last else self.transport.recv(s + 1, s)[0]
+                g_in = rule.backward(mb, signals.pop(mb.index, None) if s == self.last
+                                     else None, grad)
+                if s != 0:
+                    self.transport.send([g_in], s, s - 1)
+        # Every stage reports the loss: the last stage's statistics reach the others.
+        self.transport.broadcast(stats, self.last).wait()
+        return self._finish(stages, stats, batch, unused_signals=len(signals))
+
+
+class Inference:
+    """Forward only (evaluation): chunks of rows through the stages, (summed loss, correct)
+    summed over every rank."""
+
+    def __init__(self, transport: Transport, num_stages: int, device: torch.device) -> None:
+        self.transport = transport
+        self.last = num_stages - 1
+        self.device = device
+
+    @torch.no_grad()
+    def run(self, stages: LocalStages, x: torch.Tensor, y: torch.Tensor,
+            starts: list[int], batch_size: int) -> tuple[float, int]:
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for start in starts:
+            for s, rule in stages:
+                h = x[start:start + batch_size].to(self.device) if s == 0 else \
+                    self.transport.recv(s - 1, s)[0]
+                h = rule.infer(h)
+                if s != self.last:
+                    self.transport.send([h], s, s + 1)
+                else:
+                    labels = y[start:start + batch_size].to(self.device)
+                    loss, correct, _ = output_signal(h, labels, 1, None)
+                    stats += torch.tensor([loss, correct], dtype=torch.float64,
+                                          device=self.device)
+        self.transport.flush()
+        self.transport.check_idle("end of evaluation")
+        self.transport.all_reduce(stats)  # only the last stages hold non-zero sums
+        return float(stats[0]), int(stats[1])

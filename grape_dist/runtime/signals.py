@@ -1,0 +1,61 @@
+"""The broadcast packet: a mini-batch's (or one micro-batch's) output signals in one flat tensor.
+
+Layout, float64 (exact for float32 and float64 values): [summed loss, #correct], then for each
+micro-batch its error (size x C) and its output tangents (K x m x C, GrAPE only). Every stage
+knows the packet's size in advance from the micro-batch sizes and its rule's
+`output_tangent_shape`, so receivers preallocate it and no header travels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..rules import MicroBatch, OutputSignal, StageRule
+
+
+class SignalCodec:
+    def __init__(self, rule: StageRule, num_classes: int, device: torch.device) -> None:
+        self.rule = rule  # any of this rank's rules of the kind being run: they agree on shapes
+        self.num_classes = num_classes
+        self.device = device
+
+    def _tangent_size(self, mb: MicroBatch) -> int:
+        km = self.rule.output_tangent_shape(mb)
+        return km[0] * km[1] * self.num_classes if km else 0
+
+    def size(self, mbs: list[MicroBatch]) -> int:
+        return 2 + sum(mb.size * self.num_classes + self._tangent_size(mb) for mb in mbs)
+
+    def empty(self, mbs: list[MicroBatch]) -> torch.Tensor:
+        return torch.empty(self.size(mbs), dtype=torch.float64, device=self.device)
+
+    def pack(self, stats: torch.Tensor, signals: list[OutputSignal]) -> torch.Tensor:
+        parts = [stats.to(torch.float64)]
+        for s in signals:
+            parts.append(s.error.reshape(-1).double())
+            if s.tangents is not None:
+                parts.append(s.tangents.reshape(-1).double())
+        return torch.cat(parts)
+
+    def unpack(self, packet: torch.Tensor, mbs: list[MicroBatch], labels: torch.Tensor,
+               offset: int) -> tuple[torch.Tensor, list[OutputSignal]]:
+        """(stats, signals); `labels` are this replica's, whose first row is global row
+        `offset` (DRTP's targets come from the rank's own copy of the labels)."""
+        c = self.num_classes
+        dtype = torch.get_default_dtype()
+        pos, signals = 2, []
+        for mb in mbs:
+            e = packet[pos:pos + mb.size * c].view(mb.size, c).to(dtype)
+            pos += mb.size * c
+            km = self.rule.output_tangent_shape(mb)
+            t = None
+            if km:
+                n = km[0] * km[1] * c
+                t = packet[pos:pos + n].view(km[0], km[1], c).to(dtype)
+                pos += n
+            rows = labels[mb.start - offset:mb.start - offset + mb.size]
+            signals.append(OutputSignal(e, F.one_hot(rows, c).to(dtype), t, mb.total))
+        if pos != packet.numel():
+            raise RuntimeError(f"signal packet of {packet.numel()} values, {pos} expected")
+        return packet[:2].clone(), signals

@@ -1,0 +1,116 @@
+"""How the stages of one pipeline replica exchange tensors: the one interface the schedules use.
+
+Stages are addressed by their pipeline index, never by rank. `send`/`recv` move a stage's outputs
+(activation and tangent bundle, or an input gradient) to the next or previous stage; `broadcast`
+hands a flat packet from one stage to every stage of the replica (the output signal);
+`all_reduce_replicas` sums tensors over the data-parallel replicas of this rank's stages.
+
+Two implementations: `InProcessTransport` (every stage in this process: messages are queued in
+memory) and `distributed.transport.DistributedTransport` (torch.distributed: batched p2p with
+self-describing headers, collectives on the mesh's groups). The schedules cannot tell them
+apart, so one process, torchrun with one rank and P ranks run the same schedule code.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Protocol
+
+import torch
+
+Tensors = list[torch.Tensor | None]
+
+
+class Handle(Protocol):
+    def wait(self) -> Any: ...
+
+
+class _Done:
+    """A handle for work that completed synchronously."""
+
+    def wait(self) -> None:
+        return None
+
+
+class InFlightError(RuntimeError):
+    """A schedule ended a mini-batch with work still pending: a schedule bug, never silent."""
+
+
+class Transport:
+    """The interface; see the module docstring. All calls are made by every rank of a replica
+    in the same order for the same stages (the schedules guarantee it)."""
+
+    def send(self, tensors: Tensors, src: int, dst: int) -> None:
+        """Start moving `tensors` from stage `src` to stage `dst` (asynchronous)."""
+        raise NotImplementedError
+
+    def recv(self, src: int, dst: int) -> Tensors:
+        """What stage `src` sent to stage `dst` (blocks until it arrives)."""
+        raise NotImplementedError
+
+    def broadcast(self, packet: torch.Tensor, src: int) -> Handle:
+        """Stage `src`'s `packet` to every stage of the replica. The rank holding `src` passes
+        the packet; the others pass a buffer of the same size and dtype, filled once the
+        returned handle's `wait()` returns."""
+        raise NotImplementedError
+
+    def all_reduce_replicas(self, tensors: list[torch.Tensor]) -> None:
+        """Sum `tensors` in place over the data-parallel replicas of this rank's stages."""
+        raise NotImplementedError
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        """Sum `tensor` in place over every rank."""
+        raise NotImplementedError
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """`obj` from every rank, in rank order (small objects: scalars, statistics)."""
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        """Wait until this rank's sends have completed."""
+        raise NotImplementedError
+
+    def in_flight(self) -> dict[str, int]:
+        """Pending work by kind (sends not waited on, messages queued and not received)."""
+        raise NotImplementedError
+
+    def check_idle(self, where: str) -> None:
+        pending = {k: v for k, v in self.in_flight().items() if v}
+        if pending:
+            raise InFlightError(f"{where}: transport still has {pending} in flight")
+
+
+class InProcessTransport(Transport):
+    """Every stage in this process: a message is a list of tensors in a queue per stage pair
+    (no copy); a broadcast is the packet itself; one replica, so reductions do nothing."""
+
+    def __init__(self) -> None:
+        self._queues: dict[tuple[int, int], deque[Tensors]] = {}
+
+    def send(self, tensors: Tensors, src: int, dst: int) -> None:
+        self._queues.setdefault((src, dst), deque()).append(tensors)
+
+    def recv(self, src: int, dst: int) -> Tensors:
+        queue = self._queues.get((src, dst))
+        if not queue:
+            raise InFlightError(f"stage {dst} receives from stage {src} before it sent: the "
+                                "schedule runs stages out of order")
+        return queue.popleft()
+
+    def broadcast(self, packet: torch.Tensor, src: int) -> Handle:
+        return _Done()
+
+    def all_reduce_replicas(self, tensors: list[torch.Tensor]) -> None:
+        pass
+
+    def all_reduce(self, tensor: torch.Tensor) -> None:
+        pass
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        return [obj]
+
+    def flush(self) -> None:
+        pass
+
+    def in_flight(self) -> dict[str, int]:
+        return {"queued": sum(len(q) for q in self._queues.values())}

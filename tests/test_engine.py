@@ -1,0 +1,225 @@
+"""The engine in one process: any split into in-process stages and any micro-batching follow
+one trajectory (the property the multi-rank pipeline must keep); nothing is left in flight;
+blocks are initialised per block; the alignment probe equals a full-model backward."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import tiny_cnn, tiny_mlp
+
+from grape_dist.config import load_config
+from grape_dist.rng import keyed_generator
+from grape_dist.rules.feedback import frobenius_cosine, jacobian_estimate
+from grape_dist.rules.tangents import block_forward
+from grape_dist.runtime import Layout, LayoutError, build_engine, plan_layout
+from grape_dist.runtime.transport import InFlightError
+
+CPU = torch.device("cpu")
+SPLITS = {1: [(0, 3)], 2: [(0, 1), (1, 3)], 3: [(0, 1), (1, 2), (2, 3)]}
+
+
+def _engine(rule, stages, micro, extra=(), model=None):
+    cfg = load_config(None, [f"rule={rule}", "optim.lr=0.01", f"pipeline.micro_batches={micro}",
+                             *extra])
+    model = copy.deepcopy(model if model is not None else tiny_cnn())
+    return build_engine(cfg, model, Layout.in_process(stages), CPU, SPLITS[stages])
+
+
+def _run(rule, stages, micro, extra=(), steps=3, model=None):
+    engine = _engine(rule, stages, micro, extra, model)
+    g = torch.Generator().manual_seed(5)
+    losses = []
+    for step in range(steps):
+        x = torch.randn(12, *engine.model.input_shape, generator=g)
+        y = torch.randint(0, 3, (12,), generator=g)
+        losses.append(engine.train_step(x, y, step).loss_sum)
+        if engine.calibration_schedule is not None and step == 1:
+            engine.calibrate(x, y, step)
+    fb = {}
+    for s in engine.stages:
+        fb.update(s.rule.feedback_matrices())
+    return losses, {k: v.detach() for k, v in engine.model.state_dict().items()}, fb
+
+
+CASES = [
+    ("bp", ()), ("fa", ()), ("dfa", ("calibration.every_epochs=1",)), ("drtp", ()),
+    ("grape", ("calibration.every_epochs=1",)), ("grape", ("grape.routing=shared",)),
+    # Tangents on 2 rows of each mini-batch: the rows are chosen by global row index, so the
+    # micro-batching does not change them (it used to: B differed by 0.56 for M=1 vs M=3).
+    ("grape", ("grape.tangent_samples=2",)),
+    ("grape", ("grape.tangent_samples=5", "grape.routing=shared")),
+    ("dfa", ("pipeline.streaming=true",)), ("grape", ("pipeline.streaming=true",)),
+]
+
+
+@pytest.mark.parametrize("rule,extra", CASES, ids=[f"{r}-{'-'.join(e) or 'default'}"
+                                                   for r, e in CASES])
+def test_stage_splits_and_micro_batches_follow_one_trajectory(rule, extra):
+    ref_losses, ref_w, ref_b = _run(rule, 1, 1, extra)
+    for p, micro in ((2, 1), (3, 1), (1, 3), (3, 4), (2, 5)):
+        losses, w, b = _run(rule, p, micro, extra)
+        torch.testing.assert_close(losses, ref_losses, rtol=1e-5, atol=1e-6)
+        for k in ref_w:
+            torch.testing.assert_close(w[k], ref_w[k], rtol=1e-5, atol=1e-6)
+        for k in ref_b:
+            torch.testing.assert_close(b[k], ref_b[k], rtol=1e-5, atol=1e-6)
+
+
+@pytest.fixture
+def float64():
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(torch.float32)
+
+
+def test_pepita_splits_follow_one_trajectory(float64):
+    # float64: PEPITA sums micro-batch updates one by one, and Adam amplifies float32 rounding
+    # of near-zero gradients.
+    mlp = tiny_mlp(d_in=2 * 8 * 8).double()
+    flat = torch.nn.Sequential(torch.nn.Flatten(), *mlp.blocks[0])
+    mlp.blocks[0] = type(mlp.blocks[0])("fc1", *flat)
+    mlp = type(mlp)(list(mlp.blocks), (2, 8, 8), 3)
+    ref = _run("pepita", 1, 1, model=mlp)
+    for p, micro in ((3, 1), (2, 4)):
+        out = _run("pepita", p, micro, model=mlp)
+        torch.testing.assert_close(out[0], ref[0], rtol=1e-5, atol=1e-6)
+        for k in ref[1]:
+            torch.testing.assert_close(out[1][k], ref[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_weights_move_and_calibration_changes_the_trajectory():
+    _, w0, _ = _run("grape", 1, 1)
+    _, w1, _ = _run("grape", 1, 1, ("calibration.every_epochs=1",))
+    init = tiny_cnn().state_dict()
+    assert any(not torch.allclose(w0[k], init[k]) for k in init)
+    assert any(not torch.allclose(w0[k], w1[k]) for k in init)
+
+
+def test_a_stray_message_is_caught_at_the_end_of_the_mini_batch():
+    engine = _engine("dfa", 2, 2)
+    x, y = torch.randn(4, 2, 8, 8), torch.tensor([0, 1, 2, 0])
+    engine.train_step(x, y, 0)
+    # A well-formed extra activation for stage 1: one real message is left unreceived.
+    engine.transport.send([torch.zeros(2, 3, 4, 4), None], 0, 1)
+    with pytest.raises(InFlightError, match="in flight"):
+        engine.train_step(x, y, 1)
+
+
+def test_blocks_are_initialised_from_a_per_block_key():
+    """Any subset of blocks materialised anywhere gets the same weights; the others stay on
+    the meta device and hold no memory."""
+    from grape_dist.trainer import build_model_for
+    cfg = load_config(None, ["model.name=lenet", "model.hidden=[32, 16]"])
+    full = build_model_for(cfg).materialize(seed=7)
+    a = build_model_for(cfg).materialize([0, 2], seed=7)
+    b = build_model_for(cfg).materialize([4, 1, 3], seed=7)
+    assert [a.is_materialized(i) for i in range(5)] == [True, False, True, False, False]
+    assert all(p.is_meta for p in a.blocks[1].parameters())
+    for part, held in ((a, (0, 2)), (b, (1, 3, 4))):
+        for i in held:
+            for p, q in zip(part.blocks[i].parameters(), full.blocks[i].parameters()):
+                assert torch.equal(p, q)
+    other_seed = build_model_for(cfg).materialize([0], seed=8)
+    assert not torch.equal(other_seed.blocks[0][0].weight, full.blocks[0][0].weight)
+
+
+def _reference_alignment(model, feedback, x, y, seed):
+    """The metrics by a plain full-model backward (and one JVP per block through the rest of
+    the model), with no pipeline."""
+    blocks = list(model.blocks)
+    hs, h = [], x
+    for block in blocks:
+        h = block(h)
+        h.retain_grad()
+        hs.append(h)
+    loss = F.cross_entropy(h, y)
+    ids = sorted(feedback)
+    jac = {}
+    for i in ids:
+        rows = [torch.autograd.grad(h[:, c].sum(), hs[i], retain_graph=True)[0]
+                .reshape(len(y), -1).sum(0) for c in range(h.shape[1])]
+        jac[i] = torch.stack(rows)
+    grads = torch.autograd.grad(loss, [hs[i] for i in ids])
+    e = (F.softmax(h, 1) - F.one_hot(y, h.shape[1]).to(h.dtype)).detach() / len(y)
+    out = {}
+    for i, g in zip(ids, grads):
+        b = feedback[i]
+        g = g.reshape(len(y), -1)
+        p = torch.randn(hs[i].shape, generator=keyed_generator(seed, "probe", i))
+        t, hh = p.unsqueeze(0), hs[i].detach()
+        with torch.no_grad():
+            for block in blocks[i + 1:]:
+                hh, t = block_forward(block, hh, t)
+        out[blocks[i].name] = {
+            "grad_cos": float(F.cosine_similarity(e @ b, g, dim=1, eps=1e-12).mean()),
+            "jac_cos": frobenius_cosine(b, jac[i]),
+            "jhat_cos": frobenius_cosine(b, jacobian_estimate(t[0], p)),
+        }
+    return out
+
+
+@pytest.mark.parametrize("stages", [1, 2, 3])
+def test_alignment_probe_matches_a_full_model_backward(stages, float64):
+    engine = _engine("grape", stages, 1, model=tiny_cnn().double())
+    x, y = torch.randn(6, 2, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
+    engine.train_step(x, y, 0)  # B moves away from its initial value
+    got = engine.alignment(x, y, seed=3, max_outputs=10)
+    fb = {i: b for s in engine.stages for i, b in s.rule.feedback_matrices().items()}
+    ref = _reference_alignment(engine.model, fb, x, y, seed=3)
+    assert set(got) == set(ref) == {"conv1", "conv2"}
+    for name in ref:
+        for k, v in ref[name].items():
+            assert got[name][k] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, k)
+    capped = engine.alignment(x, y, seed=3, max_outputs=2)
+    assert "jac_cos" not in capped["conv1"]
+    assert capped["conv1"]["grad_cos"] == pytest.approx(got["conv1"]["grad_cos"])
+
+
+def test_no_alignment_for_rules_without_feedback():
+    assert _engine("bp", 2, 1).alignment(torch.randn(2, 2, 8, 8), torch.tensor([0, 1]),
+                                         0, 10) == {}
+
+
+@pytest.mark.parametrize("world,overrides,match", [
+    (3, ["model.hidden=[32]"], "pipeline.pp=3 stages but the model has only 2 blocks"),
+    (3, ["pipeline.dp=2"], "WORLD_SIZE=3 is not a multiple of pipeline.dp=2"),
+    (2, ["pipeline.pp=3"], r"pipeline.pp=3 x pipeline.dp=1 = 3 ranks, but WORLD_SIZE=2"),
+    (1, ["pipeline.dp=2"], "WORLD_SIZE=1 is not a multiple of pipeline.dp=2"),
+    (2, ["pipeline.stage_blocks=[2,1]", "model.hidden=[8,8,8]"],
+     "must be positive block counts summing to the model's 4 blocks"),
+    (2, ["rule=bp", "pipeline.schedule=1f1b", "pipeline.micro_batches=1"],
+     "pipeline.schedule=1f1b needs pipeline.micro_batches >= pp = 2"),
+    (2, ["rule=bp", "pipeline.schedule=dualpipev", "pipeline.micro_batches=2",
+      "model.hidden=[8,8,8]"],
+     "dualpipev needs pipeline.micro_batches >= 2 x pp = 4"),
+    (2, ["rule=bp", "pipeline.schedule=zbv", "model.hidden=[8,8]"],
+     "zbv needs 2 x pp = 4 stages but the model has only 3 blocks"),
+    (2, ["rule=bp", "pipeline.schedule=gpipe", "pipeline.micro_batches=3"],
+     "data.batch_size=128 is not divisible by pipeline.micro_batches=3"),
+    (1, ["rule=bp", "pipeline.schedule=gpipe"], "on one process use pipeline.schedule=native"),
+])
+def test_layout_errors_name_the_keys(world, overrides, match):
+    from grape_dist.trainer import build_model_for
+    cfg = load_config(None, ["rule=dfa", *overrides])
+    with pytest.raises(LayoutError, match=match):
+        plan_layout(cfg, len(build_model_for(cfg).blocks), world)
+
+
+def test_streaming_is_refused_on_nccl_until_run_on_gpus():
+    cfg = load_config(None, ["rule=grape", "pipeline.streaming=true"])
+    assert plan_layout(cfg, 3, 2, "gloo").pp == 2
+    assert plan_layout(cfg, 3, 1, "nccl").pp == 1  # one stage: no pipeline to deadlock
+    with pytest.raises(LayoutError, match="pipeline.streaming.*NCCL"):
+        plan_layout(cfg, 3, 2, "nccl")
+
+
+def test_layout_placements():
+    loop = Layout(4, 2, 2, 4, "loop")
+    vee = Layout(2, 2, 1, 4, "v")
+    assert [loop.stages_at(p) for p in range(2)] == [[0, 2], [1, 3]]
+    assert [vee.stages_at(p) for p in range(2)] == [[0, 3], [1, 2]]
+    assert (loop.rank_of(1, 1), loop.position(3), loop.replica(3)) == (3, 1, 1)
