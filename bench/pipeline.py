@@ -11,9 +11,12 @@ communication buffers). The model is a deep MLP: `--blocks` Linear(width)+ReLU b
 Linear output block, split into P stages by parameter count.
 
 Methods: `grape` (sync: signals broadcast once per mini-batch), `grape-stream`
-(pipeline.streaming: per micro-batch), `dfa` (the same runtime without tangents), `bp-1f1b` and
-`bp-gpipe` (torch.distributed.pipelining over the same stage modules), `bp-native` (this
-runtime's all-forward-all-backward BP).
+(pipeline.streaming: per micro-batch), `dfa` (the same runtime without tangents), and BP on
+torch.distributed.pipelining over the same blocks: `bp-gpipe`, `bp-1f1b`, and the strongest
+schedules torch ships, with two stages per rank: `bp-zb` (interleaved zero bubble), `bp-zbv`
+(zero bubble V) and `bp-dualpipev`; `bp-native` is this runtime's all-forward-all-backward BP.
+Each point also reports the parameters each rank holds (every rank materialises only its own
+blocks).
 
 The schedule model (bottom of the output) simulates each schedule as per-rank sequences of
 operations whose costs are measured here on one thread (per-block forward, backward, forward
@@ -40,7 +43,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grape_dist.config import load_config  # noqa: E402
-from grape_dist.models import Block, BlockModel  # noqa: E402
+from grape_dist.models import BlockModel  # noqa: E402
+from grape_dist.models.mlp import dense_factories  # noqa: E402
 from grape_dist.optim import build_optimizer  # noqa: E402
 from grape_dist.rules import MicroBatch, build_stage_rule, output_signal  # noqa: E402
 
@@ -50,21 +54,23 @@ METHODS = {
     "dfa": ["rule=dfa"],
     "bp-1f1b": ["rule=bp", "pipeline.schedule=1f1b"],
     "bp-gpipe": ["rule=bp", "pipeline.schedule=gpipe"],
+    "bp-zb": ["rule=bp", "pipeline.schedule=zero_bubble"],
+    "bp-zbv": ["rule=bp", "pipeline.schedule=zbv"],
+    "bp-dualpipev": ["rule=bp", "pipeline.schedule=dualpipev"],
     "bp-native": ["rule=bp"],
 }
+BP_METHODS = [m for m in METHODS if m.startswith("bp-") and m != "bp-native"]
 
 
-def deep_mlp(blocks: int, width: int, seed: int = 0) -> BlockModel:
-    torch.manual_seed(seed)
-    layers = [Block(f"fc{i + 1}", torch.nn.Linear(width, width), torch.nn.ReLU())
-              for i in range(blocks)]
-    layers.append(Block("out", torch.nn.Linear(width, 10)))
-    return BlockModel(layers, (width,), 10)
+def deep_mlp(blocks: int, width: int) -> BlockModel:
+    """`blocks` Linear(width)+ReLU blocks and a Linear head, on the meta device."""
+    return BlockModel(dense_factories(width, [width] * blocks, 10, "relu", False), (width,), 10)
 
 
-def _config(method: str, args, micro: int):
+def _config(method: str, args, micro: int, rule: str | None = None):
     return load_config(None, [
-        *METHODS[method], "optim.name=sgd", "optim.lr=0.01", "optim.momentum=0.9",
+        *METHODS[method], *([f"rule={rule}"] if rule else []),
+        "optim.name=sgd", "optim.lr=0.01", "optim.momentum=0.9",
         f"data.batch_size={args.batch}", f"pipeline.micro_batches={micro}",
         f"grape.routing={args.routing}", f"grape.tangent_samples={args.tangent_samples}",
     ])
@@ -83,26 +89,17 @@ def worker(args) -> None:
     import torch.distributed as dist
 
     from grape_dist.distributed import backend_for, resolve_device
-    from grape_dist.distributed.mesh import Mesh
-    from grape_dist.distributed.partition import partition
-    from grape_dist.distributed.pipeline import DistributedPipeline
-    from grape_dist.distributed.torch_schedules import TorchScheduledPipeline
-    from grape_dist.runtime import build_stages
+    from grape_dist.runtime import build_engine, plan_layout
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    dist.init_process_group(backend_for(device))
-    world = dist.get_world_size()
+    world = int(os.environ["WORLD_SIZE"])
     cfg = _config(args.method, args, args.micro)
-    model = deep_mlp(args.blocks, args.width).to(device)
-    mesh = Mesh.create(world, 1)
-    bounds = partition(model, world, "params")
-    stage = build_stages(cfg, model, bounds, only=mesh.stage)[0]
-    if cfg.pipeline.schedule != "native":
-        pipe = TorchScheduledPipeline(stage, mesh, args.micro, 10, model, cfg.pipeline.schedule,
-                                      args.batch, lambda ps: build_optimizer(ps, cfg.optim))
-    else:
-        pipe = DistributedPipeline(stage, mesh, args.micro, 10)
+    model = deep_mlp(args.blocks, args.width)
+    # Checked before joining the group, like the trainer (a refused point prints its reason).
+    layout = plan_layout(cfg, len(model.blocks), world, backend_for(device))
+    dist.init_process_group(backend_for(device))
+    pipe = build_engine(cfg, model, layout, device)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.width, generator=g).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
@@ -133,11 +130,12 @@ def worker(args) -> None:
     dist.all_gather(peaks, peak)
     args.device_resolved = device
     link = _link_cost(args, dist) if args.measure_link else None
+    params = pipe.memory_report()["parameters_per_rank"]
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({
             "method": args.method, "P": world, "M": args.micro,
             "ms": 1e3 * statistics.median(times), "peak_mb": [round(float(p), 1) for p in peaks],
-            "link": link}), flush=True)
+            "params": params, "link": link}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -193,7 +191,7 @@ def block_costs(args, mb: int) -> dict[str, float]:
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    model = deep_mlp(1, args.width).to(device)
+    model = deep_mlp(1, args.width).materialize(device=device)
     block = model.blocks[0]
     x = torch.randn(mb, args.width, device=device)
     out: dict[str, float] = {}
@@ -208,9 +206,11 @@ def block_costs(args, mb: int) -> dict[str, float]:
     # BP's backward: the input gradient (for the previous block) and the weight gradients.
     out["bwd"] = _median_s(lambda: torch.autograd.grad(h, [xg, *block.parameters()], grad,
                                                        retain_graph=True))
-    grape = build_stage_rule(_config("grape", args, 1), deep_mlp(2, args.width).to(device), 0, 1)
-    dfa = build_stage_rule(_config("dfa", args, 1), deep_mlp(2, args.width).to(device), 0, 1)
-    dfa.streaming = True  # backward() then runs the local update at once
+    grape = build_stage_rule(_config("grape", args, 1),
+                             deep_mlp(2, args.width).materialize(device=device), 0, 1)
+    # Streaming: backward() runs the local update at once, so it can be timed on its own.
+    dfa = build_stage_rule(_config("grape-stream", args, 1, rule="dfa"),
+                           deep_mlp(2, args.width).materialize(device=device), 0, 1)
     counter = iter(range(10**9))
     m = min(mb, args.tangent_samples or mb)
 
@@ -364,14 +364,15 @@ def driver(args) -> None:
             res = json.loads(line[7:])
             link = link or res.get("link")
             results.append(res)
+            param_mb = [round(4 * n / 2**20, 1) for n in res["params"]]
             print(f"{method:>13s} M={micro}: {res['ms']:8.1f} ms/mini-batch "
                   f"{1e3 * args.batch / res['ms']:8.0f} samples/s  peak MB per rank "
-                  f"{res['peak_mb']}", flush=True)
+                  f"{res['peak_mb']}  parameter MB per rank {param_mb}", flush=True)
     by = {(r["method"], r["M"]): r for r in results}
-    print("\n## ratios (same stages, same micro-batches)")
+    print("\n## ratios (same blocks, same micro-batches): BP time / GrAPE time")
     for micro in [int(m) for m in args.micro.split(",")]:
         for grape in ("grape", "grape-stream"):
-            for bp in ("bp-1f1b", "bp-gpipe"):
+            for bp in BP_METHODS:
                 if (grape, micro) in by and (bp, micro) in by:
                     g, b = by[(grape, micro)], by[(bp, micro)]
                     print(f"M={micro}: {grape} throughput / {bp} = {b['ms'] / g['ms']:.2f}x; "
@@ -400,6 +401,8 @@ def driver(args) -> None:
 
     print(f"\n## schedule model vs measured (P = {args.nproc})")
     for res in results:
+        if res["method"] in ("bp-zb", "bp-zbv", "bp-dualpipev"):
+            continue  # the model simulates GPipe and 1F1B orders only
         m = res["M"]
         # Costs per micro-batch were measured at rows = batch / M; the model takes mini-batch
         # totals, so scale by M.
@@ -428,7 +431,7 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=8)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--micro", default="1,4,8")
-    p.add_argument("--methods", default="grape,grape-stream,dfa,bp-1f1b,bp-gpipe,bp-native")
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--routing", default="shared")
     p.add_argument("--tangent_samples", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)

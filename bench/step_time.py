@@ -22,7 +22,7 @@ from grape_dist.config import load_config
 from grape_dist.models import build_model
 from grape_dist.rules import MicroBatch, build_stage_rule, output_signal
 from grape_dist.rules.tangents import block_forward
-from grape_dist.runtime import LocalPipeline, build_stages
+from grape_dist.runtime import Layout, build_engine
 
 MODELS = {
     "mlp": (["model.name=mlp", "model.hidden=[1024, 1024]"], (1, 28, 28)),
@@ -54,8 +54,7 @@ def _median_ms(fn, warmup: int, steps: int) -> float:
 def _build(model_name: str, rule_overrides: list[str], batch: int):
     overrides, shape = MODELS[model_name]
     cfg = load_config(None, [*overrides, *rule_overrides, f"data.batch_size={batch}"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model.name, shape, 10, cfg.model.hidden, cfg.model.channels)
+    model = build_model(cfg.model, shape, 10).materialize(seed=0)
     return cfg, model, shape
 
 
@@ -65,7 +64,7 @@ def step_times(model_name: str, batch: int, warmup: int, steps: int) -> dict[str
     pipes, x, y = {}, None, None
     for rule, overrides in RULES.items():
         cfg, model, shape = _build(model_name, overrides, batch)
-        pipes[rule] = LocalPipeline(build_stages(cfg, model, [(0, len(model.blocks))]))
+        pipes[rule] = build_engine(cfg, model, Layout.in_process(), torch.device("cpu"))
         x = torch.randn(batch, *shape)
         y = torch.randint(0, 10, (batch,))
     times: dict[str, list[float]] = {rule: [] for rule in pipes}
