@@ -132,7 +132,7 @@ class Trainer:
         idx = random_batch_indices(len(self.train.y), bs, self.cfg.seed, epoch)
         rows, offset, total = self._replica_rows(idx)
         self.engine.calibrate(self.train.x[rows].to(self.device),
-                                self.train.y[rows].to(self.device), self.state.step, offset, total)
+                              self.train.y[rows].to(self.device), self.state.step, offset, total)
         self.state.calibrations.append(CalibrationEvent(epoch, self.state.step, len(idx)))
 
     def train_epoch(self, epoch: int) -> tuple[float, float, dict[str, float]]:
@@ -147,8 +147,8 @@ class Trainer:
         for idx in batches:
             rows, offset, total = self._replica_rows(idx)
             r = self.engine.train_step(self.train.x[rows].to(self.device),
-                                         self.train.y[rows].to(self.device), self.state.step,
-                                         offset, total)
+                                       self.train.y[rows].to(self.device), self.state.step,
+                                       offset, total)
             self.state.step += 1
             loss += r.loss_sum
             correct += r.correct
