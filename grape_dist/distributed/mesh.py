@@ -16,33 +16,28 @@ from ..runtime.layout import Layout
 @dataclass
 class Mesh:
     rank: int
-    pp: int
-    dp: int
+    layout: Layout
     pipeline_group: object = None  # this replica's ranks (signal broadcast, torch schedules)
     replica_group: object = None  # this position's replicas (gradient all-reduce)
 
     @property
-    def position(self) -> int:
-        return self.rank % self.pp
-
-    @property
-    def replica(self) -> int:
-        return self.rank // self.pp
+    def dp(self) -> int:
+        return self.layout.dp
 
     def rank_at(self, position: int) -> int:
         """The global rank of `position` in this rank's replica."""
-        return self.replica * self.pp + position
+        return self.layout.rank_of(position, self.layout.replica(self.rank))
 
     @classmethod
     def create(cls, layout: Layout) -> Mesh:
-        rank = dist.get_rank()
-        mesh = cls(rank, layout.pp, layout.dp)
+        mesh = cls(dist.get_rank(), layout)
+        position, replica = layout.position(mesh.rank), layout.replica(mesh.rank)
         for r in range(layout.dp):
             g = dist.new_group([layout.rank_of(s, r) for s in range(layout.pp)])
-            if r == mesh.replica:
+            if r == replica:
                 mesh.pipeline_group = g
         for s in range(layout.pp):
             g = dist.new_group([layout.rank_of(s, r) for r in range(layout.dp)])
-            if s == mesh.position:
+            if s == position:
                 mesh.replica_group = g
         return mesh

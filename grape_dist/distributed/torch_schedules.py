@@ -61,10 +61,9 @@ class TorchPipelineSchedule(Schedule):
             self.torch_stages.append(PipelineStage(
                 nn.Sequential(*s.blocks), s.index, num_stages, device, input_args=(example,),
                 group=mesh.pipeline_group))
-        cls = SCHEDULES[name]
-        arg = self.torch_stages if len(self.torch_stages) > 1 or name in (
-            "zero_bubble", "zbv", "dualpipev") else self.torch_stages[0]
-        self.schedule = cls(arg, micro_batches, loss_fn=_mean_ce)
+        # GPipe and 1F1B take one stage, the two-stages-per-rank schedules a list.
+        arg = self.torch_stages if len(self.torch_stages) > 1 else self.torch_stages[0]
+        self.schedule = SCHEDULES[name](arg, micro_batches, loss_fn=_mean_ce)
         self.holds_input = any(s.is_first for s in self.torch_stages)
         self.holds_output = any(s.is_last for s in self.torch_stages)
 

@@ -8,14 +8,13 @@ schedules issue them in the same (micro-batch, stage) order on both sides.
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..runtime.layout import Layout
-from ..runtime.transport import Handle, InFlightError, Tensors, Transport
+from ..runtime.transport import Handle, InProcessTransport, Tensors, Transport
 from . import p2p
 from .mesh import Mesh
 
@@ -26,7 +25,7 @@ class DistributedTransport(Transport):
         self.layout = layout
         self.device = device
         self._sends: list = []
-        self._local: dict[tuple[int, int], deque[Tensors]] = {}
+        self._local = InProcessTransport()  # stages of this rank talking to each other
 
     def _rank(self, stage: int) -> int:
         return self.mesh.rank_at(self.layout.position_of(stage))
@@ -34,18 +33,15 @@ class DistributedTransport(Transport):
     def send(self, tensors: Tensors, src: int, dst: int) -> None:
         peer = self._rank(dst)
         if peer == self.mesh.rank:
-            self._local.setdefault((src, dst), deque()).append(tensors)
+            self._local.send(tensors, src, dst)
         else:
             self._sends += p2p.isend(tensors, peer, self.device)
 
     def recv(self, src: int, dst: int) -> Tensors:
         peer = self._rank(src)
-        if peer != self.mesh.rank:
-            return p2p.recv(peer, self.device)
-        queue = self._local.get((src, dst))
-        if not queue:
-            raise InFlightError(f"stage {dst} receives from stage {src} before it sent")
-        return queue.popleft()
+        if peer == self.mesh.rank:
+            return self._local.recv(src, dst)
+        return p2p.recv(peer, self.device)
 
     def broadcast(self, packet: torch.Tensor, src: int) -> Handle:
         return dist.broadcast(packet, self._rank(src), group=self.mesh.pipeline_group,
@@ -76,5 +72,4 @@ class DistributedTransport(Transport):
         self._sends = []
 
     def in_flight(self) -> dict[str, int]:
-        return {"sends": len(self._sends),
-                "queued": sum(len(q) for q in self._local.values())}
+        return {"sends": len(self._sends), **self._local.in_flight()}

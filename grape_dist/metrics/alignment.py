@@ -40,9 +40,7 @@ def probe_alignment(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, se
     # replicas hold the same weights.
     if engine.replica == 0 and isinstance(engine.stages[0].rule, DirectFeedbackRule):
         local = _probe(engine, x, y, seed, max_outputs)
-    out: dict[str, dict[str, float]] = {}
-    for part in engine.transport.all_gather_object(local):
-        out.update(part)
+    out = engine.merge_stats(local)
     order = [b.name for b in engine.model.blocks]
     return dict(sorted(out.items(), key=lambda kv: order.index(kv[0])))
 

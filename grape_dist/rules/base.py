@@ -106,10 +106,6 @@ class StageRule:
         # instead of allocating (and page-faulting) fresh weight-sized tensors.
         self.optimizer.zero_grad(set_to_none=False)
 
-    @property
-    def indices(self) -> range:
-        return range(self.first, self.first + len(self.blocks))
-
     def is_output(self, index: int) -> bool:
         return index == self.num_blocks - 1
 

@@ -81,7 +81,7 @@ class DirectFeedbackRule(StageRule):
     def forward(self, mb: MicroBatch, x: torch.Tensor, tangents: torch.Tensor | None):
         stash = _Stash()
         self._stash[mb.index] = stash
-        rows = self.learner.rows(mb)[2] if self.learner is not None else None
+        k0, k1, rows = self.learner.rows(mb) if self.learner is not None else (0, 0, None)
         for offset, block in enumerate(self.blocks):
             i = self.first + offset
             x_in = x.detach()
@@ -91,7 +91,7 @@ class DirectFeedbackRule(StageRule):
                 with torch.enable_grad():
                     y, tangents = block_forward(block, x_in, tangents, rows)
             if self.learner is not None and i in self.B:
-                p = self.learner.draw(i, mb, block.out_shape, y.device)
+                p = self.learner.draw(i, mb, k0, k1, block.out_shape, y.device)
                 if p is not None:
                     stash.directions[i] = p
                     tangents = self.learner.route(tangents, p)

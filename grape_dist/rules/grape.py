@@ -62,12 +62,12 @@ class FeedbackLearner:
     def rows(self, mb: MicroBatch) -> tuple[int, int, Rows]:
         return tangent_rows(mb, self.samples)
 
-    def draw(self, i: int, mb: MicroBatch, shape: tuple[int, ...],
+    def draw(self, i: int, mb: MicroBatch, k0: int, k1: int, shape: tuple[int, ...],
              device: torch.device) -> torch.Tensor | None:
-        """Block i's tangent on the tangent rows of `mb` (None if it has none). Drawn once per
-        mini-batch for all its tangent rows, from a stream keyed by (seed, step, block), then
-        sliced: the numbers depend on neither the stage layout nor the micro-batching."""
-        k0, k1, _ = self.rows(mb)
+        """Block i's tangent on tangent rows k0..k1-1 of `mb`'s mini-batch (`rows(mb)`; None
+        if there are none). Drawn once per mini-batch for all its tangent rows, from a stream
+        keyed by (seed, step, block), then sliced: the numbers depend on neither the stage
+        layout nor the micro-batching."""
         if k0 == k1:
             return None
         if mb.step != self._noise_step:

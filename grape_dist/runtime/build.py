@@ -48,8 +48,7 @@ def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.d
         bounds = _stage_bounds(cfg, model, layout, transport, rank, device)
     if len(bounds) != layout.num_stages:
         raise ValueError(f"{len(bounds)} stage bounds for {layout.num_stages} stages")
-    local = layout.stages_at(layout.position(rank)) if layout.placement != "all" \
-        else list(range(layout.num_stages))
+    local = layout.stages_at(layout.position(rank))
     model.materialize([i for s in local for i in range(*bounds[s])], cfg.seed, device)
     reduce = transport.all_reduce_replicas
     calibrate = cfg.rule in CALIBRATED_RULES and cfg.calibration.every_epochs > 0

@@ -84,9 +84,9 @@ class PipelineEngine:
         from ..metrics.alignment import probe_alignment
         return probe_alignment(self, x, y, seed, max_outputs)
 
-    def merge_stats(self, stats: dict[str, float]) -> dict[str, float]:
-        """Every stage's per-step statistics, on every rank."""
-        out: dict[str, float] = {}
+    def merge_stats(self, stats: dict) -> dict:
+        """Every rank's entries (per-step statistics, per-block metrics), on every rank."""
+        out: dict = {}
         for part in self.transport.all_gather_object(stats):
             out.update(part)
         return out

@@ -207,7 +207,7 @@ class StreamingSignals(Schedule):
 
         for mb in mbs:
             for s, rule in stages:
-                mb_stats = self._stats()
+                mb_stats = self._stats() if s == self.last else stats  # only the last adds
                 signal = self._forward(s, rule, mb, batch, mb_stats)
                 if signal is not None:
                     stats.add_(mb_stats)
