@@ -96,7 +96,9 @@ class PipelineEngine:
     def memory_report(self) -> dict[str, list]:
         """Per rank (in rank order): block parameters held, feedback-matrix entries held, and
         peak memory in MB (the GPU allocator's high-water mark on CUDA, else peak RSS)."""
-        params = sum(p.numel() for s in self.stages for p in s.rule.parameters())
+        # Whatever this rank materialised, not just what its rules train: the meta blocks of
+        # other stages hold no memory.
+        params = sum(p.numel() for p in self.model.parameters() if not p.is_meta)
         feedback = sum(b.numel() for s in self.stages
                        for b in s.rule.feedback_matrices().values())
         if self.device.type == "cuda":
