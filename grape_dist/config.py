@@ -88,6 +88,10 @@ class GrapeConfig:
     # Tangents on m rows of each mini-batch (evenly spaced by row index; 0 = every row). The
     # rows do not depend on the micro-batching or the data-parallel split.
     tangent_samples: int = 0
+    # Where the tangent noise is drawn: `host` (CPU, then copied: the same numbers on every
+    # device) or `device` (on the block's device: no host work or copy, numbers differ per
+    # device type; what a GPU run wants for speed).
+    tangent_noise: Literal["host", "device"] = "host"
     # Optimiser of B on L_align = 1 - mean_k cos(B[:, k], J_hat[:, k]) (the 1/n_l of eq. 17 is in
     # the gradient). The paper's SGD(0.9) lr 0.01 barely moves B; see docs/grape.md.
     b_optim: OptimConfig = field(
@@ -138,6 +142,10 @@ class PipelineConfig:
     # runs once per mini-batch on the summed estimate). Same trajectory on 1 and P ranks.
     # Refused with nccl across ranks until it has been run on GPUs (docs/pipeline.md).
     streaming: bool = False
+    # One process on CUDA with several stages (pp > 1 in one process, e.g. the Table 5 bench):
+    # each stage issues its work on its own CUDA stream, so the direct rules' stages update
+    # concurrently (runtime/streams.py). Same results as without, to float tolerance.
+    stage_streams: bool = False
 
 
 @dataclass

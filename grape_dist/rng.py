@@ -17,5 +17,7 @@ def key_seed(*keys: int | str) -> int:
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
-def keyed_generator(*keys: int | str) -> torch.Generator:
-    return torch.Generator().manual_seed(key_seed(*keys))
+def keyed_generator(*keys: int | str, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on `device` seeded by `keys`. The CPU's is the reference stream; a CUDA
+    generator with the same seed gives other numbers (still the same on every rank)."""
+    return torch.Generator(device=device).manual_seed(key_seed(*keys))

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
-from .blocks import Block, BlockModel
+from .blocks import Block, BlockModel, SignalSpec
 from .lenet import build_lenet
 from .mlp import build_mlp
 
-__all__ = ["Block", "BlockModel", "build_model", "build_lenet", "build_mlp"]
+__all__ = ["Block", "BlockModel", "SignalSpec", "build_model", "build_lenet", "build_mlp"]
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> BlockModel:

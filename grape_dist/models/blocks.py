@@ -16,11 +16,40 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..rng import key_seed
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    """The shape of what the last stage broadcasts, per sample.
+
+    A classifier has one output per sample and broadcasts its logits' error (`width` =
+    `num_classes`). A language model has `positions` outputs per sample (tokens); following
+    Launay et al. 2020 it broadcasts the error at the head's input, `width` = d_model values per
+    token, and its feedback matrices are shared over positions.
+    """
+
+    num_classes: int
+    positions: int = 1
+    width: int = 0  # 0: num_classes (the error at the logits)
+
+    @property
+    def signal_width(self) -> int:
+        return self.width or self.num_classes
+
+    @property
+    def at_head_input(self) -> bool:
+        return self.width > 0
+
+    def tangent_tail(self) -> tuple[int, ...]:
+        """Per tangent row, the shape of an output tangent."""
+        w = self.signal_width
+        return (w,) if self.positions == 1 else (self.positions, w)
 
 
 class Block(nn.Sequential):
@@ -55,7 +84,8 @@ class BlockModel(nn.Module):
     """
 
     def __init__(self, blocks: list[Block | BlockFactory], input_shape: tuple[int, ...],
-                 num_classes: int) -> None:
+                 num_classes: int, *, input_dtype: torch.dtype | None = None,
+                 signal_at_head_input: bool = False) -> None:
         super().__init__()
         self._factories: list[BlockFactory | None] = []
         built = []
@@ -69,6 +99,7 @@ class BlockModel(nn.Module):
                     built.append(b())
         self.blocks = nn.ModuleList(built)
         self.input_shape = tuple(input_shape)
+        self.input_dtype = input_dtype  # None: the default float dtype; torch.long for tokens
         self.num_classes = num_classes
         # Record each block's output shape once (on the meta device: no compute, no memory), so
         # that feedback matrices and pipeline buffers are sized without running data.
@@ -77,11 +108,35 @@ class BlockModel(nn.Module):
             for block in self.blocks:
                 device = "meta" if _is_meta(block) else next(
                     (t.device for t in (*block.parameters(), *block.buffers())), "cpu")
-                block.out_shape = tuple(block(torch.zeros(1, *shape, device=device)).shape[1:])
+                dtype = input_dtype if block is self.blocks[0] else None
+                block.out_shape = tuple(
+                    block(torch.zeros(1, *shape, device=device, dtype=dtype)).shape[1:])
                 shape = block.out_shape
-        if self.blocks[-1].out_shape != (num_classes,):
-            raise ValueError(
-                f"last block must output {num_classes} logits, got {self.blocks[-1].out_shape}")
+        out = self.blocks[-1].out_shape
+        if not out or out[-1] != num_classes:
+            raise ValueError(f"last block must output {num_classes} logits, got {out}")
+        # A language model's logits are (positions, classes): its error is taken at the head's
+        # input (d_model per position) and its feedback is shared over positions.
+        positions = math.prod(out[:-1])
+        width = 0
+        if signal_at_head_input:
+            head_in = self.blocks[-2].out_shape if len(self.blocks) > 1 else tuple(input_shape)
+            if tuple(head_in[:-1]) != tuple(out[:-1]):
+                raise ValueError(f"head input {head_in} and logits {out} differ in positions")
+            width = head_in[-1]
+        self.signal_spec = SignalSpec(num_classes, positions, width)
+
+    def feedback_width(self, index: int) -> int:
+        """Columns of block `index`'s feedback matrix: its flattened output, or its channels
+        when the feedback is shared over positions (one B per model, SignalSpec.positions > 1)."""
+        block = self.blocks[index]
+        if self.signal_spec.positions == 1:
+            return block.out_features
+        if math.prod(block.out_shape[:-1]) != self.signal_spec.positions:
+            raise ValueError(f"block {index} ({block.name}) outputs {block.out_shape}; feedback "
+                             f"shared over {self.signal_spec.positions} positions needs "
+                             "(positions, channels)")
+        return block.out_shape[-1]
 
     def materialize(self, indices: Iterable[int] | None = None, seed: int = 0,
                     device: torch.device | str = "cpu") -> BlockModel:

@@ -11,11 +11,18 @@ from __future__ import annotations
 from torch import nn
 
 from ..config import Config
-from ..models import BlockModel
+from ..models import BlockModel, SignalSpec
 from ..optim import build_optimizer
 from ..rng import keyed_generator
 from .backprop import BackpropRule, convert_to_fa
-from .base import MicroBatch, OutputSignal, Reduce, StageRule, no_reduce, output_signal
+from .base import (
+    MicroBatch,
+    OutputSignal,
+    Reduce,
+    StageRule,
+    no_reduce,
+    output_signal,
+)
 from .direct import DirectFeedbackRule
 from .feedback import init_feedback
 from .grape import FeedbackLearner
@@ -23,7 +30,7 @@ from .pepita import PepitaRule
 
 __all__ = [
     "BackpropRule", "DirectFeedbackRule", "FeedbackLearner", "MicroBatch", "OutputSignal",
-    "PepitaRule", "Reduce", "StageRule", "build_calibration_rule", "build_stage_rule",
+    "PepitaRule", "Reduce", "SignalSpec", "StageRule", "build_calibration_rule", "build_stage_rule",
     "output_signal",
 ]
 
@@ -57,7 +64,7 @@ def build_stage_rule(cfg: Config, model: BlockModel, first: int, last: int,
         # Leaf parameters so that a torch optimiser can step them; they never enter an autograd
         # graph (GrAPE's gradients come from the closed form of eq. 17).
         feedback = {
-            i: nn.Parameter(init_feedback(model.num_classes, model.blocks[i].out_features,
+            i: nn.Parameter(init_feedback(model.signal_spec.signal_width, model.feedback_width(i),
                                           keyed_generator(cfg.seed, "feedback", i),
                                           cfg.feedback.init,
                                           cfg.feedback.normalize_columns).to(device),
@@ -74,7 +81,7 @@ def build_stage_rule(cfg: Config, model: BlockModel, first: int, last: int,
         return DirectFeedbackRule(blocks, first, n, opt, feedback, name=rule,
                                   signal="target" if rule == "drtp" else "error",
                                   learner=learner, streaming=cfg.pipeline.streaming,
-                                  reduce=reduce)
+                                  head_signal=model.signal_spec.at_head_input, reduce=reduce)
     raise ValueError(f"unknown rule {rule!r}")
 
 

@@ -56,7 +56,7 @@ class BackpropRule(StageRule):
         if grad_output is None:
             if signal is None:
                 raise ValueError("the last stage's backward needs the output signal")
-            grad_output = signal.error
+            grad_output = signal.error.reshape(y.shape)  # per position for a language model
         torch.autograd.backward(y, grad_output)
         return x_in.grad if x_in.requires_grad else None
 

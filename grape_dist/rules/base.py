@@ -42,23 +42,41 @@ class MicroBatch:
 class OutputSignal:
     """What the last stage broadcasts to every stage after a micro-batch's forward."""
 
-    error: torch.Tensor  # dL/dlogits of the mini-batch mean loss: (softmax - onehot) / total
-    target: torch.Tensor  # one-hot targets (DRTP projects these)
-    tangents: torch.Tensor | None  # (K, m, d_out) JVPs at the output (GrAPE)
+    # dL/d(output) of the mini-batch mean loss, one row per output position: (softmax - onehot)
+    # / outputs at the logits, or its backward to the head's input (SignalSpec.at_head_input).
+    error: torch.Tensor
+    target: torch.Tensor  # one-hot targets (DRTP projects these), one row per position
+    tangents: torch.Tensor | None  # (K, m, *tangent_tail) JVPs at the output (GrAPE)
     total: int
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.error, self.target, self.tangents) if t is not None]
 
 
 def output_signal(
     logits: torch.Tensor, labels: torch.Tensor, total: int, tangents: torch.Tensor | None
-) -> tuple[float, int, OutputSignal]:
-    """Cross-entropy at the logits: (summed loss, #correct, the signal to broadcast)."""
+) -> tuple[torch.Tensor, torch.Tensor, OutputSignal]:
+    """Cross-entropy at the logits (samples x [positions x] classes) of `total` samples:
+    (summed loss, #correct, the signal to broadcast). The loss is the mean over every output
+    position; the sums come back as 0-d tensors (no host synchronisation)."""
     logits = logits.detach()
+    c = logits.shape[-1]
+    outputs = total * (logits[0].numel() // c if len(logits) else 1)
+    logits = logits.reshape(-1, c)
+    labels = labels.reshape(-1)
     logp = F.log_softmax(logits, dim=1)
-    loss_sum = float(-logp.gather(1, labels[:, None]).sum())
-    correct = int((logits.argmax(1) == labels).sum())
-    onehot = F.one_hot(labels, logits.shape[1]).to(logits.dtype)
-    error = (logp.exp() - onehot) / total
+    loss_sum = -logp.gather(1, labels[:, None]).sum()
+    correct = (logits.argmax(1) == labels).sum()
+    onehot = one_hot(labels, c, logits.dtype)
+    error = (logp.exp() - onehot) / outputs
     return loss_sum, correct, OutputSignal(error, onehot, tangents, total)
+
+
+def one_hot(labels: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """F.one_hot without its range check, which reads the labels back to the host (a device
+    synchronisation each step, and no CUDA graph capture)."""
+    out = torch.zeros(len(labels), classes, dtype=dtype, device=labels.device)
+    return out.scatter_(1, labels[:, None], 1.0)
 
 
 def accumulate_grad(p: torch.Tensor, g: torch.Tensor) -> None:
@@ -136,9 +154,21 @@ class StageRule:
     ) -> torch.Tensor:
         raise NotImplementedError(f"{self.name} has no second forward pass")
 
-    def finish_step(self) -> dict[str, float]:
-        """Apply the mini-batch's update; returns per-step statistics (e.g. alignment)."""
+    def finish_step(self) -> dict[str, torch.Tensor | float]:
+        """Apply the mini-batch's update; returns per-step statistics (e.g. alignment), as 0-d
+        tensors where they come from the device (read once the step has finished)."""
         raise NotImplementedError
+
+    def signal_at_output(self, mb: MicroBatch, signal: OutputSignal) -> OutputSignal:
+        """At the last stage: turn the logits' signal into the one that is broadcast (the
+        direct rules' error at the head's input for a language model); default: unchanged."""
+        return signal
+
+    def held_tensors(self) -> list[object]:
+        """What this stage keeps for the current mini-batch (stashes): the runtime holds a
+        reference while the stage's update runs on another CUDA stream, so that memory made on
+        one stream is not handed out again before the other stream has used it."""
+        return [dict(self._stash)]
 
     def output_tangent_shape(self, mb: MicroBatch) -> tuple[int, int] | None:
         """(streams, rows) of the output tangents micro-batch `mb` produces; None: no tangents.

@@ -37,6 +37,8 @@ class _Stash:
     dense: dict[int, torch.Tensor] = field(default_factory=dict)  # dense blocks' Linear inputs
     directions: dict[int, torch.Tensor] = field(default_factory=dict)  # GrAPE: tangents p_l
     signal: OutputSignal | None = None
+    head_input: torch.Tensor | None = None  # head_signal: the head's input (a leaf)
+    head_done: bool = False  # head_signal: the head's gradient is already accumulated
 
 
 class DirectFeedbackRule(StageRule):
@@ -44,6 +46,10 @@ class DirectFeedbackRule(StageRule):
 
     `feedback`: B_l (d_out x n_l) for every hidden block of the stage, by global index; with a
     learner these are the same parameters the learner refines.
+
+    `head_signal` (language models, Launay et al. 2020): the signal is the error at the output
+    block's input, from the exact backward of the head, and the tangents stop there; B_l is then
+    d_model x d_model, shared over positions.
     """
 
     def __init__(
@@ -58,11 +64,16 @@ class DirectFeedbackRule(StageRule):
         signal: str = "error",
         learner: FeedbackLearner | None = None,
         streaming: bool = False,
+        head_signal: bool = False,
         reduce: Reduce = no_reduce,
     ) -> None:
         super().__init__(blocks, first, num_blocks, optimizer, reduce)
         if signal not in ("error", "target"):
             raise ValueError(f"signal must be 'error' or 'target', got {signal!r}")
+        if head_signal and signal == "target":
+            raise ValueError("DRTP projects one-hot targets, which have no head-input form; "
+                             "use dfa or grape for a language model")
+        self.head_signal = head_signal
         self.name = name
         self.signal_kind = signal
         self.B = feedback
@@ -81,11 +92,18 @@ class DirectFeedbackRule(StageRule):
     def forward(self, mb: MicroBatch, x: torch.Tensor, tangents: torch.Tensor | None):
         stash = _Stash()
         self._stash[mb.index] = stash
-        k0, k1, rows = self.learner.rows(mb) if self.learner is not None else (0, 0, None)
+        k0, k1, rows = self.learner.rows(mb, x.device) if self.learner is not None \
+            else (0, 0, None)
         for offset, block in enumerate(self.blocks):
             i = self.first + offset
             x_in = x.detach()
-            if self._dense[offset] is not None:
+            if self.head_signal and self.is_output(i):
+                # The tangents stop at the head's input, where the signal is taken.
+                x_in.requires_grad_(True)
+                with torch.enable_grad():
+                    y = block(x_in)
+                stash.head_input = x_in
+            elif self._dense[offset] is not None:
                 y, tangents = self._dense_forward(offset, x_in, tangents, rows, stash)
             else:
                 with torch.enable_grad():
@@ -129,8 +147,24 @@ class DirectFeedbackRule(StageRule):
             self._local_backward([self._stash.pop(mb.index)])
         return None
 
+    def signal_at_output(self, mb: MicroBatch, signal: OutputSignal) -> OutputSignal:
+        """head_signal: backpropagate the logits' error through the head (its weight gradient is
+        the output block's update) and broadcast the error at the head's input."""
+        if not self.head_signal:
+            return signal
+        stash = self._stash[mb.index]
+        y, x_in = stash.outputs[-1], stash.head_input
+        torch.autograd.backward(y, signal.error.reshape(y.shape))
+        error = x_in.grad.reshape(-1, x_in.shape[-1])
+        stash.head_input, stash.head_done = None, True
+        return OutputSignal(error, signal.target, signal.tangents, signal.total)
+
     def output_tangent_shape(self, mb: MicroBatch) -> tuple[int, int] | None:
         return self.learner.output_tangent_shape(mb) if self.learner is not None else None
+
+    def held_tensors(self) -> list[object]:
+        held = super().held_tensors()
+        return held + self.learner.held_tensors() if self.learner is not None else held
 
     def reset_step(self) -> None:
         super().reset_step()
@@ -143,7 +177,7 @@ class DirectFeedbackRule(StageRule):
             return -signal.target / signal.total
         return signal.error
 
-    def finish_step(self) -> dict[str, float]:
+    def finish_step(self) -> dict[str, torch.Tensor | float]:
         stats = self.learner.step() if self.learner is not None else {}
         self._local_backward(list(self._stash.values()))
         self._stash = {}
@@ -161,7 +195,9 @@ class DirectFeedbackRule(StageRule):
             for offset, y in enumerate(stash.outputs):
                 i = self.first + offset
                 if self.is_output(i):
-                    delta = stash.signal.error
+                    if stash.head_done:
+                        continue
+                    delta = stash.signal.error.reshape(y.shape)
                 else:
                     delta = (src @ self.B[i]).reshape(y.shape)
                 if offset in stash.dense:

@@ -48,6 +48,7 @@ class FeedbackLearner:
         self.B = B
         self.routing = cfg.routing
         self.samples = cfg.tangent_samples
+        self.noise_on_device = cfg.tangent_noise == "device"
         self.eps = cfg.eps
         self.seed = seed
         self.optimizer = optimizer
@@ -56,11 +57,20 @@ class FeedbackLearner:
         self._jhat: dict[int, torch.Tensor] = {}
         self._noise_step = -1
         self._noise: dict[int, torch.Tensor] = {}
+        self._rows: dict[tuple, Rows] = {}  # index tensors, made once per device and shape
 
     # -- forward: tangents ------------------------------------------------------------------
 
-    def rows(self, mb: MicroBatch) -> tuple[int, int, Rows]:
-        return tangent_rows(mb, self.samples)
+    def rows(self, mb: MicroBatch, device: torch.device | None = None
+             ) -> tuple[int, int, Rows]:
+        """`tangent_rows`, with an index tensor on `device` (cached: no copy per step)."""
+        key = (mb.start, mb.size, mb.total, device)
+        if key not in self._rows:
+            k0, k1, rows = tangent_rows(mb, self.samples)
+            if isinstance(rows, torch.Tensor) and device is not None:
+                rows = rows.to(device)
+            self._rows[key] = (k0, k1, rows)
+        return self._rows[key]
 
     def draw(self, i: int, mb: MicroBatch, k0: int, k1: int, shape: tuple[int, ...],
              device: torch.device) -> torch.Tensor | None:
@@ -74,8 +84,16 @@ class FeedbackLearner:
             self._noise_step, self._noise = mb.step, {}
         if i not in self._noise:
             m = min(self.samples or mb.total, mb.total)
-            gen = keyed_generator(self.seed, "tangent", mb.step, i)
-            self._noise[i] = torch.randn(m, *shape, generator=gen).to(device)
+            if self.noise_on_device and device.type == "cuda" and \
+                    torch.cuda.is_current_stream_capturing():
+                # Inside a CUDA graph: the default generator, whose state the graph advances at
+                # each replay (a keyed generator would replay the captured numbers).
+                self._noise[i] = torch.randn(m, *shape, device=device)
+            else:
+                where = device if self.noise_on_device else torch.device("cpu")
+                gen = keyed_generator(self.seed, "tangent", mb.step, i, device=where)
+                self._noise[i] = torch.randn(m, *shape, generator=gen,
+                                             device=where).to(device)
         return self._noise[i][k0:k1]
 
     def route(self, bundle: torch.Tensor | None, p: torch.Tensor) -> torch.Tensor:
@@ -99,7 +117,7 @@ class FeedbackLearner:
         """J_hat_i += sum_s g_s p_s^T, with g the output tangents of block i's stream (its
         position among the hidden blocks, or the single shared stream)."""
         k = i if self.routing == "per_block" else 0
-        j = fb.jacobian_estimate(output_tangents[k], p)
+        j = fb.jacobian_estimate(output_tangents[k], p, *self.B[i].shape)
         if i in self._jhat:
             self._jhat[i].add_(j)
         else:
@@ -111,9 +129,10 @@ class FeedbackLearner:
 
     # -- end of mini-batch: the B step -----------------------------------------------------
 
-    def step(self) -> dict[str, float]:
+    def step(self) -> dict[str, torch.Tensor]:
         """One optimiser step on L_align for every B (eq. 6/17), then unit-norm columns.
-        Returns the mean column cosine of each block before the step."""
+        Returns the mean column cosine of each block before the step (0-d tensors: reading
+        them would stall the host while other stages' work waits to be issued)."""
         if not self.B:
             return {}
         ids = sorted(self.B)
@@ -127,7 +146,7 @@ class FeedbackLearner:
         for i in ids:
             loss, grad = fb.alignment_loss_grad(self.B[i].data, self._jhat[i], self.eps)
             self.B[i].grad = grad
-            stats[f"align_cos/{i}"] = 1.0 - float(loss)
+            stats[f"align_cos/{i}"] = 1.0 - loss
         self.optimizer.step()
         with torch.no_grad():
             for i in ids:
@@ -139,3 +158,7 @@ class FeedbackLearner:
 
     def reset(self) -> None:
         self._jhat = {}
+
+    def held_tensors(self) -> list[object]:
+        """The estimates and tangents of this mini-batch (see StageRule.held_tensors)."""
+        return [dict(self._jhat), dict(self._noise)]

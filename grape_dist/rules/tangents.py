@@ -7,8 +7,10 @@ Jacobian-vector products J_layer(x[rows]) t for every stream.
 
 Two implementations of the same math:
 - a fast path for the layers the models use (Linear, Conv2d, ReLU, Tanh, max/avg pools,
-  Flatten): the tangent is the layer's linear part applied to the tangent rows (bias dropped,
-  activation derivative and pool indices taken from the primal), all K streams in one call;
+  Flatten, LayerNorm, and the transformer's attention and MLP sub-layers): the tangent is the
+  layer's derivative applied to the tangent rows (bias dropped, activation derivatives, pool
+  indices, normalisation statistics and attention probabilities taken from the primal), all K
+  streams in one call;
 - a generic path through `torch.autograd.forward_ad` for any other module (it works where
   `torch.func.jvp` does not, e.g. BatchNorm in train mode; DESIGN section 4).
 Tests check the fast path against `torch.func.jvp`.
@@ -16,10 +18,14 @@ Tests check the fast path against `torch.func.jvp`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
+
+from ..models.transformer import AttentionSublayer, MLPSublayer
 
 
 def _fold(t: torch.Tensor) -> torch.Tensor:
@@ -46,6 +52,21 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None,
     k, m = t.shape[0], t.shape[1]
     if rows is None:
         rows = slice(0, m)
+    if isinstance(layer, (AttentionSublayer, MLPSublayer)):
+        y = layer(x)
+        with torch.no_grad():
+            xr = x[rows].detach()
+            fn = attention_tangent if isinstance(layer, AttentionSublayer) else mlp_tangent
+            return y, fn(layer, xr, t)
+    if isinstance(layer, nn.LayerNorm) and len(layer.normalized_shape) == 1:
+        y = layer(x)
+        with torch.no_grad():
+            return y, layer_norm_tangent(layer, x[rows].detach(), t)
+    if isinstance(layer, nn.Linear) and x.dim() != 2:
+        # Tokens: the tangent's linear part on its own (no bias).
+        with torch.no_grad():
+            t_out = F.linear(t, layer.weight.detach())
+        return layer(x), t_out
     if isinstance(layer, nn.Linear) and x.dim() == 2:
         # Tangent rows stacked under the primal rows: one GEMM reads the weights once (a few
         # tangent rows in a GEMM of their own cost almost a whole forward: memory-bound).
@@ -130,6 +151,49 @@ class _PrecomputedConv2d(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
+
+
+# -- closed-form tangents of the transformer's layers -------------------------------------------
+# Each takes the primal rows `x` (m, T, d), detached, and the bundle `t` (K, m, T, d); weights are
+# read detached. torch.func.jvp of the same modules is the reference in the tests.
+
+
+def layer_norm_tangent(ln: nn.LayerNorm, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """d LN(x)[t]: with x_hat = (x - mu) / sigma and t_c = t - mean(t),
+    d x_hat = (t_c - x_hat mean(x_hat t_c)) / sigma; the affine scale multiplies it."""
+    mu = x.mean(-1, keepdim=True)
+    rstd = (x.var(-1, unbiased=False, keepdim=True) + ln.eps).rsqrt()
+    xhat = (x - mu) * rstd
+    tc = t - t.mean(-1, keepdim=True)
+    out = rstd * (tc - xhat * (xhat * tc).mean(-1, keepdim=True))
+    return out * ln.weight.detach() if ln.weight is not None else out
+
+
+def attention_tangent(layer: AttentionSublayer, x: torch.Tensor,
+                      t: torch.Tensor) -> torch.Tensor:
+    """Tangent of x + proj(attn(LN(x))). With S = q k^T / sqrt(d_h) (causal), A = softmax(S),
+    o = A v: dS = (dq k^T + q dk^T) / sqrt(d_h), dA = A * (dS - rowsum(A * dS)),
+    do = dA v + A dv. The attention probabilities of the tangent rows are recomputed here."""
+    w_qkv = layer.qkv.weight.detach()
+    q, k, v = layer.split_heads(F.linear(layer.ln(x), w_qkv, layer.qkv.bias.detach()))
+    dq, dk, dv = layer.split_heads(F.linear(layer_norm_tangent(layer.ln, x, t), w_qkv))
+    scale = q.shape[-1] ** -0.5
+    n = q.shape[-2]
+    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+    a = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf")), -1)
+    ds = (dq @ k.transpose(-1, -2) + q @ dk.transpose(-1, -2)) * scale  # (K, m, H, T, T)
+    da = a * (ds - (a * ds).sum(-1, keepdim=True))
+    do = da @ v + a @ dv
+    return t + F.linear(layer.merge_heads(do), layer.proj.weight.detach())
+
+
+def mlp_tangent(layer: MLPSublayer, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Tangent of x + W2 GELU(W1 LN(x) + b1) + b2; GELU'(a) = Phi(a) + a phi(a)."""
+    a = layer.fc1(layer.ln(x))
+    da = F.linear(layer_norm_tangent(layer.ln, x, t), layer.fc1.weight.detach())
+    gelu_d = 0.5 * (1 + torch.erf(a * 0.5**0.5)) \
+        + a * torch.exp(-0.5 * a * a) * (2 * math.pi) ** -0.5
+    return t + F.linear(da * gelu_d, layer.fc2.weight.detach())
 
 
 def generic_layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor,

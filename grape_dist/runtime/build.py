@@ -34,7 +34,7 @@ def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.d
     `bounds` overrides the configured split (in-process tests)."""
     mesh = None
     if layout.placement == "all":
-        rank, transport = 0, InProcessTransport()
+        rank, transport = 0, _in_process_transport(cfg, layout, device)
     else:
         import torch.distributed as dist
 
@@ -59,7 +59,7 @@ def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.d
     if rank == 0:
         log.info("layout %s; blocks per stage %s", layout.describe(),
                  [b - a for a, b in bounds])
-    args = (transport, layout.num_stages, model.num_classes, device)
+    args = (transport, layout.num_stages, model.signal_spec, device)
     if cfg.pipeline.schedule != "native":
         from ..distributed.torch_schedules import TorchPipelineSchedule
         train: Schedule = TorchPipelineSchedule(
@@ -70,6 +70,17 @@ def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.d
     return PipelineEngine(model, stages, layout, rank, transport, train,
                           SequentialBackward(*args) if calibrate else None,
                           cfg.pipeline.micro_batches, device)
+
+
+def _in_process_transport(cfg: Config, layout: Layout, device: torch.device) -> Transport:
+    """Every stage here: in memory, with one CUDA stream per stage if asked and possible."""
+    if cfg.pipeline.stage_streams and device.type == "cuda" and layout.num_stages > 1:
+        from .streams import StreamTransport
+        return StreamTransport(layout.num_stages, device)
+    if cfg.pipeline.stage_streams:
+        log.info("pipeline.stage_streams: nothing to overlap on %s with %d stage(s); the "
+                 "stages run one after another", device.type, layout.num_stages)
+    return InProcessTransport()
 
 
 def _native_schedule(cfg: Config) -> type[Schedule]:

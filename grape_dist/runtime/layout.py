@@ -88,6 +88,10 @@ def plan_layout(cfg: Config, num_blocks: int, world_size: int, backend: str = "g
         raise LayoutError(
             f"{what} but the model has only {num_blocks} blocks; each stage needs at least one "
             f"block (use pp <= {num_blocks // per_rank})")
+    if world_size == 1 and p.stage_streams:
+        # Layer-parallel on one GPU: one stage per block (or per stage_blocks entry), each on
+        # its own CUDA stream (runtime/streams.py).
+        stages = len(p.stage_blocks) if p.stage_blocks else num_blocks
     if p.stage_blocks:
         check_stage_blocks(p.stage_blocks, num_blocks, stages)
     if p.schedule != "native":

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..rules import MicroBatch, OutputSignal, StageRule, output_signal
+from ..rules import MicroBatch, OutputSignal, SignalSpec, StageRule, output_signal
 from .signals import SignalCodec
 from .transport import InFlightError, Transport
 
@@ -49,6 +49,9 @@ class Batch:
 
 @dataclass
 class StepResult:
+    """A mini-batch's statistics: Python numbers, or 0-d device tensors when the schedule was
+    told not to read them (`Schedule.read_stats`, for CUDA graph capture)."""
+
     loss_sum: float  # over the whole global mini-batch (all replicas)
     correct: int
     samples: int
@@ -73,12 +76,15 @@ class Schedule:
     """Shared plumbing: a stage's input and output, the last stage's loss, the end checks."""
 
     name = "schedule"
+    # False: leave the statistics on the device (no host synchronisation; what a CUDA graph
+    # capture of a whole step needs).
+    read_stats = True
 
-    def __init__(self, transport: Transport, num_stages: int, num_classes: int,
+    def __init__(self, transport: Transport, num_stages: int, spec: SignalSpec,
                  device: torch.device) -> None:
         self.transport = transport
         self.last = num_stages - 1
-        self.num_classes = num_classes
+        self.spec = spec
         self.device = device
 
     def run(self, stages: LocalStages, batch: Batch) -> StepResult:
@@ -92,29 +98,46 @@ class Schedule:
         """Stage s's forward of `mb`; at the last stage, the loss (added to `stats`) and the
         output signal."""
         rows = slice(mb.start - batch.offset, mb.start - batch.offset + mb.size)
-        h, t = (batch.x[rows], None) if s == 0 else self.transport.recv(s - 1, s)
-        h, t = rule.forward(mb, h, t)
-        if s != self.last:
-            self.transport.send([h, t], s, s + 1)
-            return None
-        loss, correct, signal = output_signal(h, batch.y[rows], mb.total, t)
-        stats += torch.tensor([loss, correct], dtype=torch.float64, device=stats.device)
-        return signal
+        with self.transport.stage(s):
+            h, t = (batch.x[rows], None) if s == 0 else self.transport.recv(s - 1, s)
+            h, t = rule.forward(mb, h, t)
+            if s != self.last:
+                self.transport.send([h, t], s, s + 1)
+                return None
+            loss, correct, signal = output_signal(h, batch.y[rows], mb.total, t)
+            stats += torch.stack([loss.to(stats.dtype), correct.to(stats.dtype)])
+            return rule.signal_at_output(mb, signal)
+
+    def _backward(self, s: int, rule: StageRule, mb: MicroBatch, signal: OutputSignal) -> None:
+        """Stage s takes `mb`'s broadcast signal (a direct rule's backward)."""
+        with self.transport.stage(s):
+            self.transport.share(signal.tensors(), self.last, s)
+            rule.backward(mb, signal, None)
 
     def _stats(self) -> torch.Tensor:
-        return torch.zeros(2, dtype=torch.float64, device=self.device)
+        """The [summed loss, #correct] buffer of a mini-batch; stage streams may use it."""
+        stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.transport.fork()
+        return stats
 
     def _finish(self, stages: LocalStages, stats: torch.Tensor, batch: Batch,
                 **pending: int) -> StepResult:
         """Apply every stage's update, sum the statistics over replicas, check that nothing is
         left in flight."""
-        out: dict[str, float] = {}
-        for _, rule in stages:
-            out.update(rule.finish_step())
+        out: dict = {}
+        for s, rule in stages:
+            self.transport.hold(rule.held_tensors())
+            with self.transport.stage(s):
+                out.update(rule.finish_step())
         self.transport.all_reduce_replicas([stats])
         self.transport.flush()
+        self.transport.join()
         self._check_idle(stages, **pending)
-        return StepResult(float(stats[0]), int(stats[1]), batch.total, out)
+        if not self.read_stats:
+            return StepResult(stats[0], stats[1], batch.total, out)  # type: ignore[arg-type]
+        # Device statistics are read once, after every stage's work was issued.
+        return StepResult(float(stats[0]), int(stats[1]), batch.total,
+                          {k: float(v) for k, v in out.items()})
 
     def _check_idle(self, stages: LocalStages, **pending: int) -> None:
         where = f"end of mini-batch ({self.name})"
@@ -144,15 +167,16 @@ class ForwardThenBroadcast(Schedule):
                 signal = self._forward(s, rule, mb, batch, stats)
                 if signal is not None:
                     signals.append(signal)
-        codec = SignalCodec(stages[0][1], self.num_classes, self.device)
-        holds_last = self._holds_last(stages)
-        packet = codec.pack(stats, signals) if holds_last else codec.empty(batch.mbs)
-        self.transport.broadcast(packet, self.last).wait()
-        if not holds_last:
-            stats, signals = codec.unpack(packet, batch.mbs, batch.y, batch.offset)
-        for _, rule in stages:
+        if not self.transport.local_only:
+            codec = SignalCodec(stages[0][1], self.spec, self.device)
+            holds_last = self._holds_last(stages)
+            packet = codec.pack(stats, signals) if holds_last else codec.empty(batch.mbs)
+            self.transport.broadcast(packet, self.last).wait()
+            if not holds_last:
+                stats, signals = codec.unpack(packet, batch.mbs, batch.y, batch.offset)
+        for s, rule in stages:
             for mb, signal in zip(batch.mbs, signals):
-                rule.backward(mb, signal, None)
+                self._backward(s, rule, mb, signal)
         self._after_signal(stages, batch.mbs, signals)
         return self._finish(stages, stats, batch)
 
@@ -169,10 +193,12 @@ class TwoForwardPasses(ForwardThenBroadcast):
     def _after_signal(self, stages, mbs, signals):
         for mb, signal in zip(mbs, signals):
             for s, rule in stages:
-                h = None if s == 0 else self.transport.recv(s - 1, s)[0]
-                h = rule.modulated_forward(mb, signal, h)
-                if s != self.last:
-                    self.transport.send([h], s, s + 1)
+                with self.transport.stage(s):
+                    self.transport.share(signal.tensors(), self.last, s)
+                    h = None if s == 0 else self.transport.recv(s - 1, s)[0]
+                    h = rule.modulated_forward(mb, signal, h)
+                    if s != self.last:
+                        self.transport.send([h], s, s + 1)
 
 
 class StreamingSignals(Schedule):
@@ -190,7 +216,8 @@ class StreamingSignals(Schedule):
     def run(self, stages, batch):
         mbs = batch.mbs
         stats = self._stats()
-        codec = SignalCodec(stages[0][1], self.num_classes, self.device)
+        codec = SignalCodec(stages[0][1], self.spec, self.device)
+        local = self.transport.local_only
         signals: dict[int, OutputSignal] = {}
         posted = []  # broadcasts this rank started as the root
         waiting: dict[int, deque[MicroBatch]] = {s: deque() for s, _ in stages}
@@ -207,22 +234,27 @@ class StreamingSignals(Schedule):
 
         for mb in mbs:
             for s, rule in stages:
-                mb_stats = self._stats() if s == self.last else stats  # only the last adds
+                mb_stats = stats  # only the last stage adds: a fresh buffer per micro-batch
+                if s == self.last:
+                    with self.transport.stage(s):
+                        mb_stats = torch.zeros_like(stats)
                 signal = self._forward(s, rule, mb, batch, mb_stats)
                 if signal is not None:
-                    stats.add_(mb_stats)
+                    with self.transport.stage(s):
+                        stats.add_(mb_stats)
                     signals[mb.index] = signal
-                    packet = codec.pack(mb_stats, [signal])
-                    # Keep the packet alive until its broadcast has completed.
-                    posted.append((packet, self.transport.broadcast(packet, self.last)))
+                    if not local:
+                        packet = codec.pack(mb_stats, [signal])
+                        # Keep the packet alive until its broadcast has completed.
+                        posted.append((packet, self.transport.broadcast(packet, self.last)))
                 waiting[s].append(mb)
                 while len(waiting[s]) > self.last - s:
                     done = waiting[s].popleft()
-                    rule.backward(done, signal_of(done), None)
+                    self._backward(s, rule, done, signal_of(done))
         for s, rule in stages:
             while waiting[s]:
                 done = waiting[s].popleft()
-                rule.backward(done, signal_of(done), None)
+                self._backward(s, rule, done, signal_of(done))
         for _, handle in posted:
             handle.wait()
         return self._finish(stages, stats, batch, unreceived_signals=len(mbs) - len(signals))
@@ -243,13 +275,15 @@ class SequentialBackward(Schedule):
                     signals[mb.index] = signal
         for mb in reversed(batch.mbs):
             for s, rule in reversed(stages):
-                grad = None if s == self.last else self.transport.recv(s + 1, s)[0]
-                g_in = rule.backward(mb, signals.pop(mb.index, None) if s == self.last
-                                     else None, grad)
-                if s != 0:
-                    self.transport.send([g_in], s, s - 1)
-        # Every stage reports the loss: the last stage's statistics reach the others.
-        self.transport.broadcast(stats, self.last).wait()
+                with self.transport.stage(s):
+                    grad = None if s == self.last else self.transport.recv(s + 1, s)[0]
+                    g_in = rule.backward(mb, signals.pop(mb.index, None) if s == self.last
+                                         else None, grad)
+                    if s != 0:
+                        self.transport.send([g_in], s, s - 1)
+        if not self.transport.local_only:
+            # Every stage reports the loss: the last stage's statistics reach the others.
+            self.transport.broadcast(stats, self.last).wait()
         return self._finish(stages, stats, batch, unused_signals=len(signals))
 
 
@@ -276,8 +310,7 @@ class Inference:
                 else:
                     labels = y[start:start + batch_size].to(self.device)
                     loss, correct, _ = output_signal(h, labels, 1, None)
-                    stats += torch.tensor([loss, correct], dtype=torch.float64,
-                                          device=self.device)
+                    stats += torch.stack([loss.to(stats.dtype), correct.to(stats.dtype)])
         self.transport.flush()
         self.transport.check_idle("end of evaluation")
         self.transport.all_reduce(stats)  # only the last stages hold non-zero sums

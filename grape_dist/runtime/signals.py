@@ -1,31 +1,37 @@
 """The broadcast packet: a mini-batch's (or one micro-batch's) output signals in one flat tensor.
 
 Layout, float64 (exact for float32 and float64 values): [summed loss, #correct], then for each
-micro-batch its error (size x C) and its output tangents (K x m x C, GrAPE only). Every stage
+micro-batch its error (size x positions x width) and its output tangents (K x m x
+[positions x] width, GrAPE only; `SignalSpec`). Every stage
 knows the packet's size in advance from the micro-batch sizes and its rule's
 `output_tangent_shape`, so receivers preallocate it and no header travels.
 """
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
+import math
 
-from ..rules import MicroBatch, OutputSignal, StageRule
+import torch
+
+from ..rules import MicroBatch, OutputSignal, SignalSpec, StageRule
+from ..rules.base import one_hot
 
 
 class SignalCodec:
-    def __init__(self, rule: StageRule, num_classes: int, device: torch.device) -> None:
+    def __init__(self, rule: StageRule, spec: SignalSpec, device: torch.device) -> None:
         self.rule = rule  # any of this rank's rules of the kind being run: they agree on shapes
-        self.num_classes = num_classes
+        self.spec = spec
         self.device = device
+
+    def _error_size(self, mb: MicroBatch) -> int:
+        return mb.size * self.spec.positions * self.spec.signal_width
 
     def _tangent_size(self, mb: MicroBatch) -> int:
         km = self.rule.output_tangent_shape(mb)
-        return km[0] * km[1] * self.num_classes if km else 0
+        return km[0] * km[1] * math.prod(self.spec.tangent_tail()) if km else 0
 
     def size(self, mbs: list[MicroBatch]) -> int:
-        return 2 + sum(mb.size * self.num_classes + self._tangent_size(mb) for mb in mbs)
+        return 2 + sum(self._error_size(mb) + self._tangent_size(mb) for mb in mbs)
 
     def empty(self, mbs: list[MicroBatch]) -> torch.Tensor:
         return torch.empty(self.size(mbs), dtype=torch.float64, device=self.device)
@@ -42,20 +48,21 @@ class SignalCodec:
                offset: int) -> tuple[torch.Tensor, list[OutputSignal]]:
         """(stats, signals); `labels` are this replica's, whose first row is global row
         `offset` (DRTP's targets come from the rank's own copy of the labels)."""
-        c = self.num_classes
+        w, c = self.spec.signal_width, self.spec.num_classes
         dtype = torch.get_default_dtype()
         pos, signals = 2, []
         for mb in mbs:
-            e = packet[pos:pos + mb.size * c].view(mb.size, c).to(dtype)
-            pos += mb.size * c
+            n = self._error_size(mb)
+            e = packet[pos:pos + n].view(-1, w).to(dtype)
+            pos += n
             km = self.rule.output_tangent_shape(mb)
             t = None
             if km:
-                n = km[0] * km[1] * c
-                t = packet[pos:pos + n].view(km[0], km[1], c).to(dtype)
+                n = self._tangent_size(mb)
+                t = packet[pos:pos + n].view(*km, *self.spec.tangent_tail()).to(dtype)
                 pos += n
-            rows = labels[mb.start - offset:mb.start - offset + mb.size]
-            signals.append(OutputSignal(e, F.one_hot(rows, c).to(dtype), t, mb.total))
+            rows = labels[mb.start - offset:mb.start - offset + mb.size].reshape(-1)
+            signals.append(OutputSignal(e, one_hot(rows, c, dtype), t, mb.total))
         if pos != packet.numel():
             raise RuntimeError(f"signal packet of {packet.numel()} values, {pos} expected")
         return packet[:2].clone(), signals

@@ -14,6 +14,7 @@ apart, so one process, torchrun with one rank and P ranks run the same schedule 
 from __future__ import annotations
 
 from collections import deque
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import torch
@@ -39,6 +40,9 @@ class InFlightError(RuntimeError):
 class Transport:
     """The interface; see the module docstring. All calls are made by every rank of a replica
     in the same order for the same stages (the schedules guarantee it)."""
+
+    # Every stage in this process: a broadcast has nothing to move (schedules skip packing).
+    local_only = False
 
     def send(self, tensors: Tensors, src: int, dst: int) -> None:
         """Start moving `tensors` from stage `src` to stage `dst` (asynchronous)."""
@@ -74,6 +78,24 @@ class Transport:
         """Pending work by kind (sends not waited on, messages queued and not received)."""
         raise NotImplementedError
 
+    # -- stages on CUDA streams (one process; no-ops elsewhere) --------------------------------
+
+    def stage(self, s: int) -> AbstractContextManager[Any]:
+        """The context in which stage `s`'s work is issued (its CUDA stream, if it has one)."""
+        return nullcontext()
+
+    def fork(self) -> None:
+        """Start of a mini-batch: stage work may use what the caller's stream made so far."""
+
+    def join(self) -> None:
+        """End of a mini-batch: the caller's stream waits for every stage's work."""
+
+    def share(self, tensors: list[torch.Tensor], src: int, dst: int) -> None:
+        """Stage `dst` is about to use `tensors` that stage `src` made (without a send)."""
+
+    def hold(self, objects: list[Any]) -> None:
+        """Keep `objects` referenced until `join` (stashes dropped on another stream)."""
+
     def check_idle(self, where: str) -> None:
         pending = {k: v for k, v in self.in_flight().items() if v}
         if pending:
@@ -83,6 +105,8 @@ class Transport:
 class InProcessTransport(Transport):
     """Every stage in this process: a message is a list of tensors in a queue per stage pair
     (no copy); a broadcast is the packet itself; one replica, so reductions do nothing."""
+
+    local_only = True
 
     def __init__(self) -> None:
         self._queues: dict[tuple[int, int], deque[Tensors]] = {}

@@ -1,0 +1,116 @@
+"""The Transformer language model as blocks: closed-form tangents against torch.func.jvp, the
+head-input signal against autograd, the position-shared J_hat against the true Jacobian, and
+one trajectory whatever the stage split."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import jacrev, jvp
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from grape_dist.config import load_config
+from grape_dist.models.transformer import build_transformer
+from grape_dist.rules import MicroBatch, build_stage_rule, output_signal
+from grape_dist.rules.feedback import jacobian_estimate
+from grape_dist.rules.tangents import block_forward
+from grape_dist.runtime import Layout, build_engine
+
+VOCAB, CONTEXT, D = 11, 6, 8
+
+
+def model(feedback="macro", layers=2, seed=0):
+    return build_transformer(VOCAB, CONTEXT, D, layers, 2, feedback).materialize(seed=seed)
+
+
+def tokens(n, seed=0):
+    return torch.randint(0, VOCAB, (n, CONTEXT), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("feedback", ["macro", "micro"])
+def test_block_tangents_match_torch_func_jvp(feedback):
+    """Attention (causal softmax), MLP (GELU), LayerNorm and the head, K streams on chosen rows:
+    each stream equals torch.func.jvp of the block at those rows (float64)."""
+    m = model(feedback).double()
+    h = m.blocks[0](tokens(5))
+    rows = torch.tensor([0, 3, 4])
+    for block in list(m.blocks)[1:]:
+        t = torch.randn(3, len(rows), *h.shape[1:], dtype=torch.double)
+        y, tt = block_forward(block, h, t, rows)
+        for k in range(3):
+            with sdpa_kernel([SDPBackend.MATH]):  # the flash kernel has no forward AD
+                _, ref = jvp(block, (h[rows],), (t[k],))
+            torch.testing.assert_close(tt[k], ref, rtol=1e-9, atol=1e-11)
+        torch.testing.assert_close(y, block(h))
+        h = y
+
+
+def test_the_broadcast_error_is_the_exact_gradient_at_the_head_input():
+    m = model()
+    cfg = load_config(None, ["rule=dfa"])
+    rule = build_stage_rule(cfg, m, 0, len(m.blocks))
+    x, y = tokens(4), tokens(4, seed=1)
+    mb = MicroBatch(0, 0, 0, 4, 4)
+    h, t = rule.forward(mb, x, None)
+    _, _, sig = output_signal(h, y, 4, t)
+    sig = rule.signal_at_output(mb, sig)
+    # Autograd: the mean token cross-entropy, differentiated at the head's input.
+    hid = m.blocks[0](x)
+    for b in list(m.blocks)[1:-1]:
+        hid = b(hid)
+    hid = hid.detach().requires_grad_()
+    logits = m.blocks[-1](hid)
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
+    assert sig.error.shape == (4 * CONTEXT, D)
+    torch.testing.assert_close(sig.error, hid.grad.reshape(-1, D), rtol=1e-5, atol=1e-8)
+    rule.reset_step()
+
+
+def test_position_shared_jacobian_estimate_is_unbiased():
+    """With B shared over positions, E[J_hat] = sum over samples and positions t of the (t, t)
+    block of d(head input)/d(block output): checked against jacrev over many tangent draws."""
+    torch.manual_seed(0)
+    m = model(layers=1).double()
+    x = tokens(2)
+    h0 = m.blocks[0](x)
+    block = m.blocks[1]
+    with sdpa_kernel([SDPBackend.MATH]):
+        jac = jacrev(lambda z: block(z))(h0)  # (2, T, D, 2, T, D)
+    exact = sum(jac[s, t, :, s, t, :] for s in range(2) for t in range(CONTEXT))
+    draws = 20000
+    p = torch.randn(draws, 2, CONTEXT, D, dtype=torch.double)
+    _, g = block_forward(block, h0, p)
+    est = jacobian_estimate(g.reshape(draws * 2, CONTEXT, D), p.reshape(draws * 2, CONTEXT, D),
+                            D, D) / draws
+    err = (est - exact).norm() / exact.norm()
+    assert err < 0.05, err
+    # The same estimate with positions flattened into one feature axis would be another matrix.
+    assert (est - jacobian_estimate(g[0], p[0])[:D, :D]).norm() > 0
+
+
+@pytest.mark.parametrize("rule,extra", [("bp", []), ("dfa", []),
+                                        ("grape", ["grape.tangent_samples=3"]),
+                                        ("grape", ["grape.routing=shared"])])
+@pytest.mark.parametrize("feedback", ["macro", "micro"])
+def test_stage_splits_and_micro_batches_follow_one_trajectory(rule, extra, feedback):
+    x, y = tokens(6), tokens(6, seed=1)
+
+    def run(stages, micro, bounds):
+        cfg = load_config(None, [f"rule={rule}", *extra, "optim.name=sgd", "optim.lr=0.5",
+                                 f"pipeline.micro_batches={micro}"])
+        m = build_transformer(VOCAB, CONTEXT, D, 2, 2, feedback)
+        engine = build_engine(cfg, m, Layout.in_process(stages), torch.device("cpu"), bounds)
+        losses = [engine.train_step(x, y, s).loss_sum for s in range(3)]
+        return losses, torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    n = 4 if feedback == "macro" else 6
+    one = run(1, 1, None)
+    split = run(3, 2, [(0, 1), (1, n - 1), (n - 1, n)])
+    assert split[0] == pytest.approx(one[0], rel=1e-5)
+    torch.testing.assert_close(split[1], one[1], rtol=1e-4, atol=1e-6)
+    assert one[0][-1] < one[0][0]  # and it learns
+
+
+def test_drtp_is_refused_for_a_language_model():
+    with pytest.raises(ValueError, match="DRTP"):
+        build_stage_rule(load_config(None, ["rule=drtp"]), model(), 0, 4)
