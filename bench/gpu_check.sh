@@ -59,7 +59,7 @@ step table5 240 "$py" bench/table5.py --device cuda --profile --json "$out/table
 # The whole GrAPE step in one CUDA graph, in a process of its own (a failed capture can leave
 # the CUDA context unusable).
 step table5_graph 150 "$py" bench/table5.py --device cuda --grape-graph \
-    --methods bp-graph,grape-streams
+    --methods bp-seq,bp-graph,grape-streams,grape-graph,grape-graph-seq,grape-graph-m32
 
 (IFS=,; echo "[${steps[*]}]") >"$out/summary.json"
 echo "== results in $out"

@@ -20,10 +20,12 @@ not depend on the values), SGD(0.9), lr 0.01 for every method (the paper's local
   (`pipeline.stage_streams`): after the forward, every block's B step and local update run
   concurrently. `grape-streams-m32`: tangents on 32 rows of the batch.
 - `dfa-streams`: DFA (no tangents) on the same streams.
-- `grape-graph` (CUDA): `grape-streams`' whole step (forward, signal, every stage's B step and
-  update, with its stream forks and joins) captured in one CUDA graph and replayed, as
-  `bp-graph` is for BP. Inside the graph the tangent noise comes from the default CUDA
-  generator (advanced at each replay) instead of the keyed streams.
+- `grape-graph` (CUDA, `--grape-graph`): `grape-streams`' whole step (forward, signal, every
+  stage's B step and update, with its stream forks and joins) captured in one CUDA graph and
+  replayed, as `bp-graph` is for BP. Inside the graph the tangent noise comes from the default
+  CUDA generator (advanced at each replay) instead of the keyed streams. `grape-graph-seq`: the
+  same on one stream (what the streams add under a graph); `grape-graph-m32`: tangents on 32
+  rows.
 
 Each time is the median of `--steps` steps after `--warmup` (CUDA: synchronised before and
 after each step; the methods are interleaved step by step so drift falls on all alike). The
@@ -93,9 +95,9 @@ def engine_step(args, depth: int, device: torch.device, overrides: list[str],
 
 
 def graphed_engine_step(args, depth: int, device: torch.device, x: torch.Tensor,
-                        y: torch.Tensor, overrides: list[str]):
-    """This runtime's whole step on CUDA streams, captured in one CUDA graph."""
-    engine = _engine(args, depth, device, overrides, True)
+                        y: torch.Tensor, overrides: list[str], streams: bool = True):
+    """This runtime's whole step (on CUDA streams, or one stream), captured in a CUDA graph."""
+    engine = _engine(args, depth, device, overrides, streams)
     sx, sy = x.clone(), y.clone()
     for step in range(3):  # warm up: gradients, momentum, cached index tensors
         engine.train_step(sx, sy, step)
@@ -175,7 +177,17 @@ def forward_times(args, depth: int, device: torch.device, x: torch.Tensor,
             t = p if t is None else t + p
         blocks[-1](h)  # the head: the signal is taken at its input
 
-    return {"forward": timed(plain), "forward+jvp": timed(with_tangents)}
+    out = {"forward": timed(plain), "forward+jvp": timed(with_tangents)}
+    if device.type == "cuda":
+        # The same, replayed from CUDA graphs: the GPU's own cost, without Python's launches.
+        for name, fn in (("forward (graph)", plain), ("forward+jvp (graph)", with_tangents)):
+            fn()
+            torch.cuda.synchronize(device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            out[name] = timed(graph.replay)
+    return out
 
 
 def main() -> None:
@@ -246,12 +258,17 @@ def main() -> None:
             steps["bp-eager"] = eager_bp_step(args, depth, device)
         if device.type == "cuda" and want("bp-graph"):
             steps["bp-graph"] = graphed_bp_step(args, depth, device, x, y)
-        if device.type == "cuda" and args.grape_graph:
+        graphs = {"grape-graph": ("grape-streams", True),
+                  "grape-graph-seq": ("grape-streams", False),
+                  "grape-graph-m32": ("grape-streams-m32", True)}
+        for method, (like, streams) in graphs.items():
+            if device.type != "cuda" or not args.grape_graph or not want(method):
+                continue
             try:
-                steps["grape-graph"] = graphed_engine_step(
-                    args, depth, device, x, y, ENGINE_METHODS["grape-streams"][0])
+                steps[method] = graphed_engine_step(args, depth, device, x, y,
+                                                    ENGINE_METHODS[like][0], streams)
             except Exception as exc:  # report and go on: the other methods still count
-                print(f"grape-graph: capture failed: {type(exc).__name__}: {exc}")
+                print(f"{method}: capture failed: {type(exc).__name__}: {exc}")
         if args.compile:
             steps["bp-compile"] = eager_bp_step(args, depth, device, compile_model=True)
 
@@ -279,7 +296,8 @@ def main() -> None:
         fw = forward_times(args, depth, device, x, timed)
         fair = min((v for m, v in ms.items() if m in ("bp-eager", "bp-graph", "bp-compile")),
                    default=float("nan"))
-        grape = min((v for m, v in ms.items() if m in ("grape-streams", "grape-graph")),
+        grape = min((v for m, v in ms.items()
+                     if m in ("grape-streams", "grape-graph", "grape-graph-seq")),
                     default=ms.get("grape-seq", float("nan")))
         row = {"ms": ms, "peak_mb": peak, "forward_ms": fw, "fair_bp_ms": fair,
                "grape_vs_bp_seq": ms.get("bp-seq", float("nan")) / grape,
@@ -287,13 +305,18 @@ def main() -> None:
                "jvp_forward_ratio": fw["forward+jvp"] / fw["forward"],
                "paper_ms": dict(zip(("bp", "grape"), PAPER.get(depth, (None, None))))}
         results["depths"][depth] = row
-        print(f"\n## depth {depth}: ms per step (x = speed-up of layer-parallel GrAPE, the "
-              "faster of grape-streams and grape-graph, over it)")
+        print(f"\n## depth {depth}: ms per step (x = speed-up of GrAPE, the fastest of "
+              "grape-streams, grape-graph and grape-graph-seq, over it)")
         for m, v in ms.items():
             mem = f"  peak {peak[m]:8.1f} MB" if m in peak else ""
             print(f"{m:>18s} {v:8.2f} ms   x{v / grape:5.2f}{mem}")
         print(f"{'forward':>18s} {fw['forward']:8.2f} ms;  forward+jvp {fw['forward+jvp']:.2f} "
               f"ms (x{row['jvp_forward_ratio']:.2f})")
+        if "forward (graph)" in fw:
+            ratio = fw["forward+jvp (graph)"] / fw["forward (graph)"]
+            row["jvp_forward_ratio_graph"] = ratio
+            print(f"{'forward (graph)':>18s} {fw['forward (graph)']:8.2f} ms;  forward+jvp "
+                  f"{fw['forward+jvp (graph)']:.2f} ms (x{ratio:.2f})")
         if depth in PAPER:
             print(f"{'paper (A100)':>18s} BP {PAPER[depth][0]} ms, GrAPE {PAPER[depth][1]} ms "
                   f"(x{PAPER[depth][0] / PAPER[depth][1]:.2f})")

@@ -18,8 +18,6 @@ Tests check the fast path against `torch.func.jvp`.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
@@ -52,12 +50,10 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None,
     k, m = t.shape[0], t.shape[1]
     if rows is None:
         rows = slice(0, m)
-    if isinstance(layer, (AttentionSublayer, MLPSublayer)):
-        y = layer(x)
-        with torch.no_grad():
-            xr = x[rows].detach()
-            fn = attention_tangent if isinstance(layer, AttentionSublayer) else mlp_tangent
-            return y, fn(layer, xr, t)
+    if isinstance(layer, AttentionSublayer):
+        return attention_forward(layer, x, t, rows)
+    if isinstance(layer, MLPSublayer):
+        return mlp_forward(layer, x, t, rows)
     if isinstance(layer, nn.LayerNorm) and len(layer.normalized_shape) == 1:
         y = layer(x)
         with torch.no_grad():
@@ -154,46 +150,89 @@ class _PrecomputedConv2d(torch.autograd.Function):
 
 
 # -- closed-form tangents of the transformer's layers -------------------------------------------
-# Each takes the primal rows `x` (m, T, d), detached, and the bundle `t` (K, m, T, d); weights are
-# read detached. torch.func.jvp of the same modules is the reference in the tests.
+# Each runs the sub-layer's primal (recorded by autograd, the same ops as its `forward`) and
+# pushes the bundle `t` (K, m, T, d) on rows `rows`, reusing the primal's intermediates (LN
+# output, projections, pre-activations) and torch's fused derivative kernels where a
+# derivative has one. Weights are read detached. torch.func.jvp is the reference in the tests.
+
+
+def _fold_k(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The primal rows repeated for K tangent streams (a copy only when K > 1)."""
+    return x if k == 1 else x.expand(k, *x.shape).reshape(-1, *x.shape[1:])
 
 
 def layer_norm_tangent(ln: nn.LayerNorm, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """d LN(x)[t]: with x_hat = (x - mu) / sigma and t_c = t - mean(t),
-    d x_hat = (t_c - x_hat mean(x_hat t_c)) / sigma; the affine scale multiplies it."""
-    mu = x.mean(-1, keepdim=True)
-    rstd = (x.var(-1, unbiased=False, keepdim=True) + ln.eps).rsqrt()
-    xhat = (x - mu) * rstd
-    tc = t - t.mean(-1, keepdim=True)
-    out = rstd * (tc - xhat * (xhat * tc).mean(-1, keepdim=True))
+    """d LN(x)[t] for the rows `x` (m, ..., d) and the bundle `t` (K, m, ..., d).
+
+    LN's Jacobian without its affine part, (I - 11^T/n - x_hat x_hat^T/n) / sigma, is
+    symmetric, so its JVP is its VJP: torch's fused layer-norm backward, applied to the
+    tangent; the affine scale multiplies the result."""
+    k = t.shape[0]
+    xk = _fold_k(x, k)
+    shape = (x.shape[-1],)
+    _, mean, rstd = torch.native_layer_norm(xk, shape, None, None, ln.eps)
+    out = torch.ops.aten.native_layer_norm_backward(
+        _fold(t), xk, shape, mean, rstd, None, None, [True, False, False])[0]
+    out = _unfold(out, k)
     return out * ln.weight.detach() if ln.weight is not None else out
 
 
-def attention_tangent(layer: AttentionSublayer, x: torch.Tensor,
-                      t: torch.Tensor) -> torch.Tensor:
-    """Tangent of x + proj(attn(LN(x))). With S = q k^T / sqrt(d_h) (causal), A = softmax(S),
-    o = A v: dS = (dq k^T + q dk^T) / sqrt(d_h), dA = A * (dS - rowsum(A * dS)),
-    do = dA v + A dv. The attention probabilities of the tangent rows are recomputed here."""
-    w_qkv = layer.qkv.weight.detach()
-    q, k, v = layer.split_heads(F.linear(layer.ln(x), w_qkv, layer.qkv.bias.detach()))
-    dq, dk, dv = layer.split_heads(F.linear(layer_norm_tangent(layer.ln, x, t), w_qkv))
-    scale = q.shape[-1] ** -0.5
-    n = q.shape[-2]
-    causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-    a = torch.softmax((q @ k.transpose(-1, -2) * scale).masked_fill(~causal, float("-inf")), -1)
-    ds = (dq @ k.transpose(-1, -2) + q @ dk.transpose(-1, -2)) * scale  # (K, m, H, T, T)
-    da = a * (ds - (a * ds).sum(-1, keepdim=True))
-    do = da @ v + a @ dv
-    return t + F.linear(layer.merge_heads(do), layer.proj.weight.detach())
+_CAUSAL: dict[tuple[int, torch.device], torch.Tensor] = {}
 
 
-def mlp_tangent(layer: MLPSublayer, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Tangent of x + W2 GELU(W1 LN(x) + b1) + b2; GELU'(a) = Phi(a) + a phi(a)."""
+def _causal_mask(n: int, device: torch.device) -> torch.Tensor:
+    """True above the diagonal (the positions a token may not attend to); made once."""
+    key = (n, device)
+    if key not in _CAUSAL:
+        _CAUSAL[key] = torch.ones(n, n, dtype=torch.bool, device=device).triu(1)
+    return _CAUSAL[key]
+
+
+def attention_forward(layer: AttentionSublayer, x: torch.Tensor, t: torch.Tensor,
+                      rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """x + proj(attn(LN(x))) and its tangent. With S = q k^T / sqrt(d_h) (causal),
+    A = softmax(S), o = A v: dS = (dq k^T + q dk^T) / sqrt(d_h), dA = A * (dS - rowsum(A * dS))
+    (softmax's backward, a symmetric Jacobian again), do = dA v + A dv. The primal uses the fused
+    attention kernel, which does not expose A: A is computed for the tangent rows only."""
+    z = layer.qkv(layer.ln(x))
+    q, k, v = layer.split_heads(z)
+    o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    y = x + layer.proj(layer.merge_heads(o))
+    with torch.no_grad():
+        n_streams = t.shape[0]
+        q, k, v = layer.split_heads(z[rows].detach())
+        dq, dk, dv = layer.split_heads(
+            F.linear(layer_norm_tangent(layer.ln, x[rows].detach(), t),
+                     layer.qkv.weight.detach()))
+        scale = q.shape[-1] ** -0.5
+        kt = k.transpose(-1, -2)
+        a = torch.softmax((q @ kt).mul_(scale).masked_fill_(
+            _causal_mask(q.shape[-2], x.device), float("-inf")), -1)
+        ds = dq @ kt
+        ds += q @ dk.transpose(-1, -2)
+        ds *= scale  # (K, m, H, T, T)
+        if n_streams == 1:
+            da = torch._softmax_backward_data(ds[0], a, -1, a.dtype).unsqueeze(0)
+        else:
+            da = a * (ds - (a * ds).sum(-1, keepdim=True))
+        do = da @ v
+        do += a @ dv
+        return y, t + F.linear(layer.merge_heads(do), layer.proj.weight.detach())
+
+
+def mlp_forward(layer: MLPSublayer, x: torch.Tensor, t: torch.Tensor,
+                rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """x + W2 GELU(W1 LN(x) + b1) + b2 and its tangent; GELU'(a) = Phi(a) + a phi(a), applied
+    by torch's fused GELU backward (a diagonal Jacobian)."""
     a = layer.fc1(layer.ln(x))
-    da = F.linear(layer_norm_tangent(layer.ln, x, t), layer.fc1.weight.detach())
-    gelu_d = 0.5 * (1 + torch.erf(a * 0.5**0.5)) \
-        + a * torch.exp(-0.5 * a * a) * (2 * math.pi) ** -0.5
-    return t + F.linear(da * gelu_d, layer.fc2.weight.detach())
+    y = x + layer.fc2(F.gelu(a))
+    with torch.no_grad():
+        n_streams = t.shape[0]
+        ar = a[rows].detach()
+        da = F.linear(layer_norm_tangent(layer.ln, x[rows].detach(), t),
+                      layer.fc1.weight.detach())
+        dg = _unfold(torch.ops.aten.gelu_backward(_fold(da), _fold_k(ar, n_streams)), n_streams)
+        return y, t + F.linear(dg, layer.fc2.weight.detach())
 
 
 def generic_layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor,
