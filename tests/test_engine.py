@@ -223,3 +223,37 @@ def test_layout_placements():
     assert [loop.stages_at(p) for p in range(2)] == [[0, 2], [1, 3]]
     assert [vee.stages_at(p) for p in range(2)] == [[0, 3], [1, 2]]
     assert (loop.rank_of(1, 1), loop.position(3), loop.replica(3)) == (3, 1, 1)
+
+
+def test_stage_streams_in_one_process_give_one_stage_per_block():
+    """pipeline.stage_streams: one process splits the model into one stage per block (or per
+    stage_blocks entry); without CUDA the stages run one after another, the same trajectory."""
+    cfg = load_config(None, ["rule=grape", "pipeline.stage_streams=true"])
+    assert plan_layout(cfg, 4, 1).num_stages == 4
+    cfg2 = load_config(None, ["rule=grape", "pipeline.stage_streams=true",
+                              "pipeline.stage_blocks=[1,3]"])
+    assert plan_layout(cfg2, 4, 1).num_stages == 2
+    x = torch.randn(12, 5, generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, 3, (12,), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for streams in ("false", "true"):
+        c = load_config(None, ["rule=grape", f"pipeline.stage_streams={streams}",
+                               "optim.name=sgd", "optim.lr=0.5"])
+        model = tiny_mlp()
+        layout = plan_layout(c, len(model.blocks), 1)
+        engine = build_engine(c, model, layout, torch.device("cpu"))
+        runs.append(([engine.train_step(x, y, s).loss_sum for s in range(3)],
+                     torch.cat([p.detach().flatten() for p in model.parameters()])))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-6)
+    torch.testing.assert_close(runs[1][1], runs[0][1])
+
+
+def test_statistics_can_stay_on_the_device_until_read():
+    """read_stats=False (CUDA graph capture): the step returns its sums as 0-d tensors."""
+    cfg = load_config(None, ["rule=grape"])
+    engine = build_engine(cfg, tiny_mlp(), Layout.in_process(2), torch.device("cpu"))
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    engine.train_schedule.read_stats = False
+    lazy = engine.train_step(x, y, 0)
+    assert isinstance(lazy.loss_sum, torch.Tensor) and lazy.loss_sum.dim() == 0
+    assert all(isinstance(v, torch.Tensor) for v in lazy.stats.values())
