@@ -22,6 +22,10 @@ DIRECT_RULES = ("dfa", "drtp", "grape")
 CALIBRATED_RULES = ("dfa", "grape")
 
 
+# Datasets of text (language modelling); the rest are image classification.
+TEXT_DATASETS = ("shakespeare",)
+
+
 class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
@@ -49,17 +53,24 @@ class OptimConfig:
 
 @dataclass
 class ModelConfig:
-    """`mlp`: `hidden` widths; `lenet`: conv `channels`, then fully connected `hidden` widths."""
+    """`mlp`: `hidden` widths; `lenet`: conv `channels`, then fully connected `hidden` widths;
+    `transformer` (text datasets): a decoder-only language model of `layers` pre-LN layers of
+    width `d_model` with `heads` attention heads, context `data.seq_len`; `feedback` is
+    `macro` (one feedback point per layer) or `micro` (one per attention and MLP sub-layer)."""
 
-    name: Literal["mlp", "lenet"] = "mlp"
+    name: Literal["mlp", "lenet", "transformer"] = "mlp"
     hidden: list[int] = field(default_factory=lambda: [1024, 1024])
     channels: list[int] = field(default_factory=lambda: [6, 16])
     activation: Literal["relu", "tanh"] = "relu"
+    d_model: int = 128
+    layers: int = 4
+    heads: int = 4
+    feedback: Literal["macro", "micro"] = "macro"
 
 
 @dataclass
 class DataConfig:
-    name: Literal["mnist", "cifar10", "cifar100"] = "mnist"
+    name: Literal["mnist", "cifar10", "cifar100", "shakespeare"] = "mnist"
     # Folder in the hub's parquet layout; None: $GRAPE_DATA_DIR, then the embedded MNIST copy.
     root: str | None = None
     batch_size: int = 128
@@ -67,6 +78,9 @@ class DataConfig:
     # Train on a fixed random subset of this many samples (0 = all); for quick runs and tests.
     train_subset: int = 0
     test_subset: int = 0
+    # Text datasets: tokens per training sequence (the model's context); the corpus is cut into
+    # consecutive windows of this length, each predicting its next-token shift.
+    seq_len: int = 128
 
 
 @dataclass
@@ -401,6 +415,18 @@ def validate(cfg: Config) -> None:
     if cfg.rule == "pepita":
         _check(m.name == "mlp", "rule",
                "pepita is defined for MLPs only (Table 1 has no PEPITA CNN)")
+    text = d.name in TEXT_DATASETS
+    _check(text == (m.name == "transformer"), "model.name",
+           f"'{m.name}' does not fit dataset '{d.name}': the transformer is the language model "
+           f"for the text datasets ({', '.join(TEXT_DATASETS)}), the others classify images")
+    if m.name == "transformer":
+        _check(cfg.rule in ("bp", "dfa", "grape"), "rule",
+               f"the language model trains with bp, dfa or grape, not '{cfg.rule}'")
+        for key in ("d_model", "layers", "heads"):
+            _check(getattr(m, key) > 0, f"model.{key}", f"must be > 0, got {getattr(m, key)}")
+        _check(m.d_model % m.heads == 0, "model.heads",
+               f"must divide model.d_model={m.d_model}, got {m.heads}")
+    _check(d.seq_len > 0, "data.seq_len", f"must be > 0, got {d.seq_len}")
     p = cfg.pipeline
     _check(p.pp >= 0, "pipeline.pp", f"must be >= 0 (0 = WORLD_SIZE / dp), got {p.pp}")
     _check(p.dp >= 1, "pipeline.dp", f"must be >= 1, got {p.dp}")

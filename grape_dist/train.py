@@ -70,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
     with process_group(cfg.pipeline.timeout_s, device):
         summary = Trainer(cfg, args.out, device, layout).fit()
+    ppl = (f", perplexity {summary['final_test_perplexity']:.3f} (best "
+           f"{summary['best_test_perplexity']:.3f})" if "final_test_perplexity" in summary else "")
     logging.getLogger("grape_dist").info(
-        "done: rule %s final test accuracy %.4f (best %.4f), %d steps, %.1fs",
-        summary["rule"], summary["final_test_accuracy"], summary["best_test_accuracy"],
+        "done: rule %s final test accuracy %.4f (best %.4f)%s, %d steps, %.1fs",
+        summary["rule"], summary["final_test_accuracy"], summary["best_test_accuracy"], ppl,
         summary["steps"], summary["wall_seconds"])
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,11 +11,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .config import Config, to_dict
+from .config import TEXT_DATASETS, Config, to_dict
 from .data import (
+    VOCAB,
     epoch_batches,
     get_source,
     load_image_dataset,
+    load_text_dataset,
     normalize,
     random_batch_indices,
     subset_indices,
@@ -32,8 +35,8 @@ log = logging.getLogger("grape_dist")
 
 @dataclass
 class Tensors:
-    x: torch.Tensor  # float, normalised
-    y: torch.Tensor
+    x: torch.Tensor  # float, normalised images; or int64 token windows
+    y: torch.Tensor  # labels; or the windows' next tokens
 
 
 @dataclass
@@ -49,9 +52,20 @@ class TrainState:
     step: int = 0
     calibrations: list[CalibrationEvent] = field(default_factory=list)
     best_test_accuracy: float = 0.0
+    best_test_loss: float = float("inf")
 
 
 def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, str]:
+    if cfg.data.name in TEXT_DATASETS:
+        text = load_text_dataset(cfg.data.name, cfg.data.root, cfg.data.seq_len)
+        out = []
+        for x, y, n in ((text.train_x, text.train_y, cfg.data.train_subset),
+                        (text.test_x, text.test_y, cfg.data.test_subset)):
+            if n:
+                idx = subset_indices(len(y), n, cfg.seed)
+                x, y = x[idx], y[idx]
+            out.append(Tensors(x, y))
+        return out[0], out[1], text.source
     ds = load_image_dataset(cfg.data.name, cfg.data.root)
     splits = []
     for split, n in ((ds.train, cfg.data.train_subset), (ds.test, cfg.data.test_subset)):
@@ -66,6 +80,8 @@ def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, str]:
 def build_model_for(cfg: Config) -> BlockModel:
     """The configured model on the meta device (its structure, no weights): sized from the
     dataset's registry entry, so it is known before any data is loaded or group joined."""
+    if cfg.data.name in TEXT_DATASETS:
+        return build_model(cfg.model, (cfg.data.seq_len,), VOCAB)
     src = get_source(cfg.data.name)
     return build_model(cfg.model, src.input_shape, src.num_classes)
 
@@ -102,6 +118,9 @@ class Trainer:
         self.stages = self.engine.stages
         self.dp = self.layout.dp
         self.replica = self.engine.replica
+        # Outputs per sample: tokens for a language model, whose loss and accuracy are per token.
+        self.positions = model.signal_spec.positions
+        self.language_model = cfg.data.name in TEXT_DATASETS
         probe = subset_indices(len(self.train.y), min(cfg.train.probe_batch_size,
                                                       len(self.train.y)), cfg.seed + 1)
         self.probe = Tensors(self.train.x[probe], self.train.y[probe])
@@ -110,8 +129,14 @@ class Trainer:
     # -- evaluation ------------------------------------------------------------------------
 
     def evaluate(self, data: Tensors) -> tuple[float, float]:
+        """(mean loss, accuracy) per output: per sample, or per token for a language model."""
         loss, correct = self.engine.evaluate(data.x, data.y, self.cfg.data.eval_batch_size)
-        return loss / len(data.y), correct / len(data.y)
+        outputs = len(data.y) * self.positions
+        return loss / outputs, correct / outputs
+
+    def _perplexity(self, loss: float) -> dict[str, float]:
+        """Language models: {"perplexity": exp(mean token loss)}; nothing for classifiers."""
+        return {"perplexity": math.exp(min(loss, 700.0))} if self.language_model else {}
 
     def _replica_rows(self, idx: torch.Tensor) -> tuple[torch.Tensor, int, int]:
         """This replica's share of a global mini-batch: (indices, row offset, global size).
@@ -152,7 +177,7 @@ class Trainer:
             self.state.step += 1
             loss += r.loss_sum
             correct += r.correct
-            seen += r.samples
+            seen += r.samples * self.positions
             for k, v in r.stats.items():
                 stats_sum[k] = stats_sum.get(k, 0.0) + v
             bar.update(loss=loss / seen, acc=correct / seen)
@@ -178,6 +203,7 @@ class Trainer:
                 continue
             test_loss, test_acc = self.evaluate(self.test)
             self.state.best_test_accuracy = max(self.state.best_test_accuracy, test_acc)
+            self.state.best_test_loss = min(self.state.best_test_loss, test_loss)
             align = self.engine.alignment(self.probe.x, self.probe.y, cfg.seed,
                                           cfg.train.jacobian_metric_max_outputs)
             stats = self.engine.merge_stats(stats)
@@ -187,9 +213,10 @@ class Trainer:
                     align[name]["train_col_cos"] = v
             base = {"epoch": epoch, "step": self.state.step}
             self.writer.metrics({**base, "split": "train", "loss": train_loss,
-                                 "accuracy": train_acc})
+                                 "accuracy": train_acc, **self._perplexity(train_loss)})
             self.writer.metrics({**base, "split": "test", "loss": test_loss,
-                                 "accuracy": test_acc, "alignment": align})
+                                 "accuracy": test_acc, **self._perplexity(test_loss),
+                                 "alignment": align})
             cos = " ".join(f"{n}:{v['grad_cos']:.2f}" for n, v in align.items())
             log.info("epoch %d/%d step %d | train loss %.4f acc %.4f | test loss %.4f acc %.4f%s"
                      "%s | %.1fs", epoch, cfg.train.epochs, self.state.step, train_loss,
@@ -202,6 +229,8 @@ class Trainer:
             "final_test_accuracy": test_acc,
             "final_test_loss": test_loss,
             "best_test_accuracy": self.state.best_test_accuracy,
+            **{f"final_test_{k}": v for k, v in self._perplexity(test_loss).items()},
+            **{f"best_test_{k}": v for k, v in self._perplexity(self.state.best_test_loss).items()},
             "epochs": cfg.train.epochs,
             "steps": self.state.step,
             "calibration_steps": len(self.state.calibrations),

@@ -209,3 +209,31 @@ def test_each_rank_materialises_only_its_blocks(tmp_path):
               for a, z in partition(model, 3)]
     assert summary["parameters_per_rank"] == counts
     assert len(summary["peak_memory_mb_per_rank"]) == 3
+
+
+LM = ["model.name=transformer", "data.name=shakespeare", "model.d_model=16", "model.layers=2",
+      "model.heads=2", "data.seq_len=16", "data.train_subset=256", "data.test_subset=64",
+      "data.batch_size=16", "optim.lr=3e-3"]
+
+
+@pytest.mark.parametrize("rule,extra,nproc", [
+    ("grape", ["calibration.every_epochs=1"], 4),
+    ("dfa", ["model.feedback=micro", "pipeline.streaming=true"], 3),
+    ("bp", [], 2),
+])
+def test_the_language_model_on_ranks_follows_the_one_process_trajectory(rule, extra, nproc,
+                                                                         tmp_path):
+    """Head-input signals, position-shared feedback and token tangents through the packets."""
+    from helpers import SHARED_DATA
+    if not (SHARED_DATA / "shakespeare" / "train.txt").is_file():
+        pytest.skip("the Shakespeare corpus is not beside the project")
+    args = [f"rule={rule}", *LM, f"data.root={SHARED_DATA}", *extra]
+    runs = {}
+    for n in (1, nproc):
+        r = torchrun(n, tmp_path / str(n), *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[n] = load(tmp_path / str(n))
+    assert_same_run(runs[1], runs[nproc], atol=2e-6)
+    assert runs[1][2]["final_test_perplexity"] == pytest.approx(
+        runs[nproc][2]["final_test_perplexity"], rel=1e-5)
+    assert runs[1][2]["final_test_perplexity"] < 60

@@ -115,3 +115,102 @@ def test_stage_splits_and_micro_batches_follow_one_trajectory(rule, extra, feedb
 def test_drtp_is_refused_for_a_language_model():
     with pytest.raises(ValueError, match="DRTP"):
         build_stage_rule(load_config(None, ["rule=drtp"]), model(), 0, 4)
+
+
+# -- the probe, the data and the trainer --------------------------------------------------------
+
+def test_alignment_probe_on_the_language_model_matches_a_full_backward():
+    """grad_cos per token: cos(e_h B_l, dL/dh_l) with e_h the exact error at the head's input,
+    against autograd through the whole model; jhat_cos with the position-shared estimate."""
+    from torch.nn import functional as F
+
+    from grape_dist.rng import keyed_generator
+    from grape_dist.rules.feedback import frobenius_cosine
+
+    torch.set_default_dtype(torch.float64)
+    try:
+        m = build_transformer(VOCAB, CONTEXT, D, 2, 2, "micro")
+        cfg = load_config(None, ["rule=grape"])
+        engine = build_engine(cfg, m, Layout.in_process(3), torch.device("cpu"),
+                              [(0, 2), (2, 4), (4, 6)])
+        x, y = tokens(5), tokens(5, seed=1)
+        engine.train_step(x, y, 0)
+        got = engine.alignment(x, y, seed=3, max_outputs=1000)
+        fb = {i: b for s in engine.stages for i, b in s.rule.feedback_matrices().items()}
+        blocks = list(m.blocks)
+        hs, h = [], x
+        for b in blocks[:-1]:
+            h = b(h)
+            hs.append(h)
+        logits = blocks[-1](h)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        grads = torch.autograd.grad(loss, hs)
+        e_h = grads[-1].reshape(-1, D)  # the head's input is the last hidden block's output
+        assert set(got) == {b.name for b in blocks[:-1]}
+        for i, b in enumerate(blocks[:-1]):
+            cos = F.cosine_similarity(e_h @ fb[i], grads[i].reshape(-1, D), dim=1, eps=1e-12)
+            assert got[b.name]["grad_cos"] == pytest.approx(float(cos.mean()), rel=1e-7)
+            assert "jac_cos" not in got[b.name]
+            p = torch.randn(hs[i].shape, generator=keyed_generator(3, "probe", i))
+            t, hh = p.unsqueeze(0), hs[i].detach()
+            with torch.no_grad():
+                for later in blocks[i + 1:-1]:
+                    hh, t = block_forward(later, hh, t)
+            ref = frobenius_cosine(fb[i], jacobian_estimate(t[0], p, D, D))
+            assert got[b.name]["jhat_cos"] == pytest.approx(ref, rel=1e-7)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def test_character_windows_and_their_errors(tmp_path):
+    from grape_dist.data.text import TextDataUnavailableError, encode, load_text_dataset
+
+    folder = tmp_path / "shakespeare"
+    folder.mkdir()
+    (folder / "train.txt").write_text("abcdefghij" * 3)
+    (folder / "test.txt").write_text("ABCDEFGHIJK")
+    ds = load_text_dataset("shakespeare", tmp_path, 4)
+    assert ds.train_x.shape == (7, 4) and ds.test_x.shape == (2, 4)
+    assert ds.train_x[1].tolist() == [ord(c) for c in "efgh"]
+    assert ds.train_y[1].tolist() == [ord(c) for c in "fghi"]  # the next character
+    with pytest.raises(ValueError, match="not ASCII"):
+        encode("caf\u00e9")
+    with pytest.raises(TextDataUnavailableError, match="test.txt not found"):
+        (folder / "test.txt").unlink()
+        load_text_dataset("shakespeare", tmp_path, 4)
+
+
+def test_the_language_model_is_only_for_text():
+    from grape_dist.config import ConfigError
+    with pytest.raises(ConfigError, match="model.name"):
+        load_config(None, ["model.name=transformer"])
+    with pytest.raises(ConfigError, match="model.name"):
+        load_config(None, ["data.name=shakespeare"])
+    with pytest.raises(ConfigError, match="rule"):
+        load_config(None, ["data.name=shakespeare", "model.name=transformer", "rule=drtp"])
+    with pytest.raises(ConfigError, match="model.heads"):
+        load_config(None, ["data.name=shakespeare", "model.name=transformer", "model.heads=3"])
+
+
+def test_a_short_shakespeare_run_reports_perplexity(tmp_path):
+    import json
+
+    from helpers import SHARED_DATA
+
+    from grape_dist.trainer import Trainer
+    if not (SHARED_DATA / "shakespeare" / "train.txt").is_file():
+        pytest.skip("the Shakespeare corpus is not beside the project")
+    cfg = load_config(None, [
+        "rule=grape", "model.name=transformer", "model.d_model=32", "model.layers=2",
+        "model.heads=2", "data.name=shakespeare", f"data.root={SHARED_DATA}", "data.seq_len=32",
+        "data.batch_size=16", "data.train_subset=512", "data.test_subset=64", "train.epochs=2",
+        "train.progress=false", "optim.lr=3e-3", "calibration.every_epochs=1"])
+    summary = Trainer(cfg, tmp_path).fit()
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    test = [r for r in rows if r["split"] == "test"]
+    assert summary["final_test_perplexity"] == pytest.approx(test[-1]["perplexity"])
+    assert summary["best_test_perplexity"] == min(r["perplexity"] for r in test)
+    # Loss is per token: perplexity = exp(loss), far below the 128-way uniform guess.
+    assert test[-1]["perplexity"] == pytest.approx(torch.tensor(test[-1]["loss"]).exp().item())
+    assert summary["final_test_perplexity"] < 40
+    assert set(test[-1]["alignment"]) == {"embed", "layer0", "layer1"}

@@ -1,4 +1,5 @@
-"""Datasets for the trainer: registry, loading into uint8 tensors, deterministic sampling."""
+"""Datasets for the trainer: image registry and loading into uint8 tensors, character-level
+text corpora, deterministic sampling."""
 
 from grape_dist.data.images import (
     DatasetUnavailableError,
@@ -9,6 +10,12 @@ from grape_dist.data.images import (
 )
 from grape_dist.data.sampling import epoch_batches, random_batch_indices, subset_indices
 from grape_dist.data.sources import DATASETS, DatasetSource, dataset_names, get_source
+from grape_dist.data.text import (
+    VOCAB,
+    TextDataset,
+    TextDataUnavailableError,
+    load_text_dataset,
+)
 
 __all__ = [
     "DATASETS",
@@ -16,10 +23,14 @@ __all__ = [
     "DatasetUnavailableError",
     "ImageDataset",
     "Split",
+    "TextDataUnavailableError",
+    "TextDataset",
+    "VOCAB",
     "dataset_names",
     "epoch_batches",
     "get_source",
     "load_image_dataset",
+    "load_text_dataset",
     "normalize",
     "random_batch_indices",
     "subset_indices",

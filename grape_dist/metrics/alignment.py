@@ -6,8 +6,11 @@ On a probe batch, for every hidden block l with a feedback matrix B_l:
   against the true gradient from a real backward pass through the pipeline (which does not
   step);
 - `jac_cos`: cos_F(B_l, J_l) with J_l = sum_s d y_hat_s / d h_l,s, the exact batch-summed
-  Jacobian (one more backward pass per output unit; only when the model has at most
+  Jacobian (one more backward pass per output unit; only for classifiers with at most
   `train.jacobian_metric_max_outputs` outputs);
+
+A language model's signal is the error at the head's input, per token (Launay et al. 2020):
+`grad_cos` is then the mean over tokens, and its B is shared over positions.
 - `jhat_cos`: cos_F(B_l, J_hat_l) with a rank-1 JVP estimate on the same batch (one probe
   tangent per block, keyed by (seed, block), carried to the output with the forward pass): what
   GrAPE's alignment step sees.
@@ -50,10 +53,15 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
            max_outputs: int) -> dict[str, dict[str, float]]:
     transport, device = engine.transport, engine.device
     last = engine.layout.num_stages - 1
-    num_blocks, c, n = len(engine.model.blocks), engine.num_classes, len(y)
+    spec = engine.model.signal_spec
+    num_blocks, n = len(engine.model.blocks), len(y)
+    # The signal: per output position (a language model's tokens), `c` values wide (the logits'
+    # error, or for a language model the error at the head's input, Launay et al. 2020).
+    c, rows = spec.signal_width, n * spec.positions
     x, y = x.to(device), y.to(device)
     # Forward: block outputs with their graphs, and one probe tangent stream per hidden block.
     saved = {}
+    head_in = None
     for stage in engine.stages:
         s = stage.index
         h, t = (x, None) if s == 0 else transport.recv(s - 1, s)
@@ -62,6 +70,10 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
         with torch.enable_grad():
             for offset, block in enumerate(stage.blocks):
                 i = stage.first + offset
+                if spec.at_head_input and i == num_blocks - 1:
+                    head_in = h  # the tangents and the signal stop here
+                    h = block(h)
+                    continue
                 h, t = block_forward(block, h, t)
                 if i < num_blocks - 1:
                     gen = keyed_generator(seed, "probe", i)
@@ -74,25 +86,32 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
     # The error of the mean loss and the output tangents, from the last stage to every stage.
     k = num_blocks - 1
     if engine.stages[-1].index == last:
-        _, _, logits, t = saved[last]
-        e = (F.softmax(logits.detach(), 1) - F.one_hot(y, c).to(logits.dtype)) / n
+        x_last, outs_last, logits, t = saved[last]
+        flat = logits.detach().reshape(rows, -1)
+        e = (F.softmax(flat, 1) - F.one_hot(y.reshape(-1), flat.shape[1]).to(flat.dtype)) / rows
+        if spec.at_head_input:
+            # The error at the head's input: the head's exact backward; the probe's backward
+            # then starts there.
+            with torch.enable_grad():
+                e = torch.autograd.grad(logits, head_in, e.reshape(logits.shape))[0]
+            saved[last] = (x_last, outs_last, head_in, t)
         packet = torch.cat([e.reshape(-1), t.reshape(-1)]).double()
     else:
-        packet = torch.empty(n * c * (1 + k), dtype=torch.float64, device=device)
+        packet = torch.empty(rows * c * (1 + k), dtype=torch.float64, device=device)
     transport.broadcast(packet, last).wait()
     dtype = torch.get_default_dtype()
-    e = packet[:n * c].view(n, c).to(dtype)
-    g = packet[n * c:].view(k, n, c).to(dtype)
+    e = packet[:rows * c].view(rows, c).to(dtype)
+    g = packet[rows * c:].view(k, n, *spec.tangent_tail()).to(dtype)
     # Backward without stepping: the loss gradient (grad output e) and, for the exact Jacobian,
-    # each output unit summed over the batch (grad output one-hot in that unit).
-    units = c if c <= max_outputs else 0
+    # each output unit summed over the batch (grad output one-hot in that unit; classifiers).
+    units = c if c <= max_outputs and spec.positions == 1 else 0
     out: dict[str, dict[str, float]] = {}
     for stage in reversed(engine.stages):
         s = stage.index
         x_in, outs, y_out, _ = saved[s]
         if s == last:
             eye = torch.eye(c, dtype=dtype, device=device)
-            grads_out = torch.cat([e.unsqueeze(0), eye[:units, None, :].expand(units, n, c)])
+            grads_out = [e.reshape(y_out.shape), *eye[:units, None, :].expand(units, n, c)]
         else:
             grads_out = transport.recv(s + 1, s)[0]
         inputs = [h for _, h, _ in outs] + ([x_in] if s > 0 else [])
@@ -113,13 +132,14 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
         feedback = stage.rule.feedback_matrices()
         for b, (i, _, p) in enumerate(outs):
             bmat = feedback[i]
-            grad = true_grads[b].reshape(n, -1)
+            # Per output position: one row per sample, or per token with position-shared B.
+            grad = true_grads[b].reshape(rows, -1)
             cos = F.cosine_similarity(e @ bmat, grad, dim=1, eps=1e-12)
             live = grad.norm(dim=1) > 0
             row = {"grad_cos": float(cos[live].mean()) if live.any() else 0.0}
             if units:
                 row["jac_cos"] = frobenius_cosine(bmat, torch.stack(jac[b]))
-            row["jhat_cos"] = frobenius_cosine(bmat, jacobian_estimate(g[i], p))
+            row["jhat_cos"] = frobenius_cosine(bmat, jacobian_estimate(g[i], p, *bmat.shape))
             out[stage.blocks[i - stage.first].name] = row
     transport.flush()
     transport.check_idle("end of the alignment probe")

@@ -6,16 +6,22 @@ from ..config import ModelConfig
 from .blocks import Block, BlockModel, SignalSpec
 from .lenet import build_lenet
 from .mlp import build_mlp
+from .transformer import build_transformer
 
-__all__ = ["Block", "BlockModel", "SignalSpec", "build_model", "build_lenet", "build_mlp"]
+__all__ = ["Block", "BlockModel", "SignalSpec", "build_lenet", "build_mlp", "build_model",
+           "build_transformer"]
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> BlockModel:
-    """A Table 1 model (`mlp` or `lenet`) on the meta device: its structure (block count, output
-    shapes) is known everywhere; `BlockModel.materialize` builds the blocks a rank holds."""
+    """A model on the meta device: its structure (block count, output shapes) is known
+    everywhere; `BlockModel.materialize` builds the blocks a rank holds. For the transformer,
+    `input_shape` is (context,) and `num_classes` the vocabulary."""
     if cfg.name == "mlp":
         return build_mlp(input_shape, num_classes, cfg.hidden, cfg.activation)
     if cfg.name == "lenet":
         return build_lenet(input_shape, num_classes, cfg.channels, cfg.hidden,  # type: ignore[arg-type]
                            cfg.activation)
-    raise ValueError(f"unknown model {cfg.name!r}; allowed: mlp, lenet")
+    if cfg.name == "transformer":
+        return build_transformer(num_classes, input_shape[0], cfg.d_model, cfg.layers, cfg.heads,
+                                 cfg.feedback)
+    raise ValueError(f"unknown model {cfg.name!r}; allowed: mlp, lenet, transformer")
