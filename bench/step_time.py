@@ -20,6 +20,7 @@ import statistics
 import time
 
 import torch
+from timing import median_ms, sync
 
 from grape_dist.config import load_config
 from grape_dist.models import build_model
@@ -44,19 +45,6 @@ RULES = {
     "grape(shared)": ["rule=grape", "grape.routing=shared"],
     "grape(shared,m=16)": ["rule=grape", "grape.routing=shared", "grape.tangent_samples=16"],
 }
-
-
-def _median_ms(fn, warmup: int, steps: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
 
 
 def _build(model_name: str, rule_overrides: list[str], batch: int, device: torch.device):
@@ -85,11 +73,6 @@ def _noise(device: torch.device) -> str:
     return "device" if device.type == "cuda" else "host"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def step_times(model_name: str, batch: int, warmup: int, steps: int,
                device: torch.device) -> dict[str, float]:
     """Median step time of every rule, measured round-robin (one step of each rule per round)
@@ -102,10 +85,10 @@ def step_times(model_name: str, batch: int, warmup: int, steps: int,
     times: dict[str, list[float]] = {rule: [] for rule in pipes}
     for step in range(warmup + steps):
         for rule, pipe in pipes.items():
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
             pipe.train_step(x, y, step)
-            _sync(device)
+            sync(device)
             if step >= warmup:
                 times[rule].append(time.perf_counter() - t0)
     return {rule: 1e3 * statistics.median(ts) for rule, ts in times.items()}
@@ -140,10 +123,10 @@ def forward_times(model_name: str, batch: int, warmup: int, steps: int,
                 blocks[-1](h)
         return run
 
-    out["forward"] = _median_ms(plain, warmup, steps, device)
-    out["fwd+jvp shared"] = _median_ms(with_tangents(True, batch), warmup, steps, device)
-    out["fwd+jvp per_block"] = _median_ms(with_tangents(False, batch), warmup, steps, device)
-    out["fwd+jvp shared m=16"] = _median_ms(with_tangents(True, 16), warmup, steps, device)
+    out["forward"] = median_ms(plain, warmup, steps, device)
+    out["fwd+jvp shared"] = median_ms(with_tangents(True, batch), warmup, steps, device)
+    out["fwd+jvp per_block"] = median_ms(with_tangents(False, batch), warmup, steps, device)
+    out["fwd+jvp shared m=16"] = median_ms(with_tangents(True, min(16, batch)), warmup, steps, device)
 
     # The generic reference: torch.func.jvp of the whole model (one shared tangent per block
     # injected at the first hidden block's output, for timing), to show what the hand-written
@@ -158,7 +141,7 @@ def forward_times(model_name: str, batch: int, warmup: int, steps: int,
     def generic():
         with sdpa_kernel([SDPBackend.MATH]):
             jvp(rest, (h0,), (t_in,))
-    out["torch.func.jvp"] = _median_ms(generic, warmup, steps, device)
+    out["torch.func.jvp"] = median_ms(generic, warmup, steps, device)
     return out
 
 
@@ -172,15 +155,15 @@ def grape_phase_breakdown(model_name: str, batch: int, warmup: int, steps: int,
     acc = {"forward+tangents": [], "update": []}
     for step in range(warmup + steps):
         mb = MicroBatch(step, 0, 0, batch, batch)
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         h, t = rule.forward(mb, x, None)
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         _, _, signal = output_signal(h, y, batch, t)
         rule.backward(mb, rule.signal_at_output(mb, signal), None)
         rule.finish_step()
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         if step >= warmup:
             acc["forward+tangents"].append(t1 - t0)

@@ -51,6 +51,8 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from timing import median_ms, sync  # noqa: E402
+
 from grape_dist.config import load_config  # noqa: E402
 from grape_dist.models.transformer import build_transformer  # noqa: E402
 from grape_dist.rules.tangents import block_forward  # noqa: E402
@@ -67,11 +69,6 @@ ENGINE_METHODS = {
                           True),
     "dfa-streams": (["rule=dfa"], True),
 }
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _model(args, depth: int, device: torch.device):
@@ -228,16 +225,7 @@ def main() -> None:
     results: dict = {"header": header, "args": vars(args), "depths": {}}
 
     def timed(fn: Callable[[], object]) -> float:
-        for _ in range(args.warmup):
-            fn()
-        times = []
-        for _ in range(args.steps):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
+        return median_ms(fn, args.warmup, args.steps, device)
 
     wanted = set(args.methods.split(",")) if args.methods else None
 
@@ -275,21 +263,21 @@ def main() -> None:
         peak: dict[str, float] = {}
         if device.type == "cuda":
             for method, fn in steps.items():
-                _sync(device)
+                sync(device)
                 torch.cuda.reset_peak_memory_stats(device)
                 base = torch.cuda.memory_allocated(device)
                 for s in range(2):
                     fn(x, y, s)
-                _sync(device)
+                sync(device)
                 peak[method] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
         times: dict[str, list[float]] = {m: [] for m in steps}
         for step in range(args.warmup + args.steps):
             for method, fn in steps.items():
-                _sync(device)
+                sync(device)
                 t0 = time.perf_counter()
                 fn(x, y, step)
-                _sync(device)
+                sync(device)
                 if step >= args.warmup:
                     times[method].append(time.perf_counter() - t0)
         ms = {m: 1e3 * statistics.median(t) for m, t in times.items()}
@@ -334,11 +322,11 @@ def _profile(steps: dict[str, Callable], methods: tuple[str, ...], x, y,
     for method in methods:
         if method not in steps:
             continue
-        _sync(device)
+        sync(device)
         with profile(activities=acts) as prof:
             for s in range(5):
                 steps[method](x, y, 1000 + s)
-            _sync(device)
+            sync(device)
         print(f"\n### profile of {method}, 5 steps")
         print(prof.key_averages().table(sort_by=key, row_limit=14, max_name_column_width=48))
 
