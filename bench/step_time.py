@@ -126,7 +126,8 @@ def forward_times(model_name: str, batch: int, warmup: int, steps: int,
     out["forward"] = median_ms(plain, warmup, steps, device)
     out["fwd+jvp shared"] = median_ms(with_tangents(True, batch), warmup, steps, device)
     out["fwd+jvp per_block"] = median_ms(with_tangents(False, batch), warmup, steps, device)
-    out["fwd+jvp shared m=16"] = median_ms(with_tangents(True, min(16, batch)), warmup, steps, device)
+    out["fwd+jvp shared m=16"] = median_ms(with_tangents(True, min(16, batch)), warmup, steps,
+                                           device)
 
     # The generic reference: torch.func.jvp of the whole model (one shared tangent per block
     # injected at the first hidden block's output, for timing), to show what the hand-written
