@@ -56,9 +56,11 @@ class ModelConfig:
     """`mlp`: `hidden` widths; `lenet`: conv `channels`, then fully connected `hidden` widths;
     `transformer` (text datasets): a decoder-only language model of `layers` pre-LN layers of
     width `d_model` with `heads` attention heads, context `data.seq_len`; `feedback` is
-    `macro` (one feedback point per layer) or `micro` (one per attention and MLP sub-layer)."""
+    `macro` (one feedback point per layer) or `micro` (one per attention and MLP sub-layer);
+    `resnet`: He et al.'s CIFAR ResNet of `depth` layers, one feedback point per residual
+    block."""
 
-    name: Literal["mlp", "lenet", "transformer"] = "mlp"
+    name: Literal["mlp", "lenet", "resnet", "transformer"] = "mlp"
     hidden: list[int] = field(default_factory=lambda: [1024, 1024])
     channels: list[int] = field(default_factory=lambda: [6, 16])
     activation: Literal["relu", "tanh"] = "relu"
@@ -66,6 +68,8 @@ class ModelConfig:
     layers: int = 4
     heads: int = 4
     feedback: Literal["macro", "micro"] = "macro"
+    # resnet: He et al.'s CIFAR ResNet of this depth (6n + 2: 20, 56, ...).
+    depth: int = 20
 
 
 @dataclass
@@ -427,6 +431,9 @@ def validate(cfg: Config) -> None:
         _check(m.d_model % m.heads == 0, "model.heads",
                f"must divide model.d_model={m.d_model}, got {m.heads}")
     _check(d.seq_len > 0, "data.seq_len", f"must be > 0, got {d.seq_len}")
+    if m.name == "resnet":
+        _check(m.depth >= 8 and (m.depth - 2) % 6 == 0, "model.depth",
+               f"a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, 110), got {m.depth}")
     p = cfg.pipeline
     _check(p.pp >= 0, "pipeline.pp", f"must be >= 0 (0 = WORLD_SIZE / dp), got {p.pp}")
     _check(p.dp >= 1, "pipeline.dp", f"must be >= 1, got {p.dp}")

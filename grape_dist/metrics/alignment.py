@@ -42,7 +42,15 @@ def probe_alignment(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, se
     # The rule is the same on every rank, so a replica's ranks agree on taking part; the other
     # replicas hold the same weights.
     if engine.replica == 0 and isinstance(engine.stages[0].rule, DirectFeedbackRule):
-        local = _probe(engine, x, y, seed, max_outputs)
+        # The probe runs in train mode like a step (BatchNorm on the probe batch's statistics)
+        # but must not change the model: its running statistics are put back afterwards.
+        buffers = [(b, b.clone()) for stage in engine.stages for block in stage.blocks
+                   for b in block.buffers()]
+        try:
+            local = _probe(engine, x, y, seed, max_outputs)
+        finally:
+            for b, saved in buffers:
+                b.copy_(saved)
     out = engine.merge_stats(local)
     order = [b.name for b in engine.model.blocks]
     return dict(sorted(out.items(), key=lambda kv: order.index(kv[0])))

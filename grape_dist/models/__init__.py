@@ -6,10 +6,11 @@ from ..config import ModelConfig
 from .blocks import Block, BlockModel, SignalSpec
 from .lenet import build_lenet
 from .mlp import build_mlp
+from .resnet import build_resnet
 from .transformer import build_transformer
 
 __all__ = ["Block", "BlockModel", "SignalSpec", "build_lenet", "build_mlp", "build_model",
-           "build_transformer"]
+           "build_resnet", "build_transformer"]
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> BlockModel:
@@ -21,7 +22,9 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
     if cfg.name == "lenet":
         return build_lenet(input_shape, num_classes, cfg.channels, cfg.hidden,  # type: ignore[arg-type]
                            cfg.activation)
+    if cfg.name == "resnet":
+        return build_resnet(input_shape, num_classes, cfg.depth)
     if cfg.name == "transformer":
         return build_transformer(num_classes, input_shape[0], cfg.d_model, cfg.layers, cfg.heads,
                                  cfg.feedback)
-    raise ValueError(f"unknown model {cfg.name!r}; allowed: mlp, lenet, transformer")
+    raise ValueError(f"unknown model {cfg.name!r}; allowed: mlp, lenet, resnet, transformer")

@@ -186,8 +186,16 @@ class StageRule:
 
     @torch.no_grad()
     def infer(self, x: torch.Tensor) -> torch.Tensor:
+        """Evaluation: the blocks in eval mode (BatchNorm's running statistics, which it does
+        not update), then back in train mode."""
         for block in self.blocks:
-            x = block(x)
+            block.eval()
+        try:
+            for block in self.blocks:
+                x = block(x)
+        finally:
+            for block in self.blocks:
+                block.train()
         return x
 
     # Feedback matrices by global block index (direct rules); empty for the others.

@@ -23,6 +23,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.resnet import BasicBlock
 from ..models.transformer import AttentionSublayer, MLPSublayer
 
 
@@ -50,6 +51,16 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None,
     k, m = t.shape[0], t.shape[1]
     if rows is None:
         rows = slice(0, m)
+    if isinstance(layer, BasicBlock):
+        return basic_block_forward(layer, x, t, rows)
+    if isinstance(layer, nn.BatchNorm2d):
+        y = layer(x)
+        with torch.no_grad():
+            return y, batch_norm_tangent(layer, x, t)
+    if isinstance(layer, nn.AdaptiveAvgPool2d):
+        with torch.no_grad():
+            t_out = _unfold(layer(_fold(t)), k)
+        return layer(x), t_out
     if isinstance(layer, AttentionSublayer):
         return attention_forward(layer, x, t, rows)
     if isinstance(layer, MLPSublayer):
@@ -147,6 +158,45 @@ class _PrecomputedConv2d(torch.autograd.Function):
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
+
+
+# -- closed-form tangents of the ResNets' layers ------------------------------------------------
+
+
+def batch_norm_tangent(bn: nn.BatchNorm2d, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """BatchNorm's tangent with the batch statistics held fixed: t * gamma / sqrt(var + eps)
+    per channel, var being the statistic the primal normalised `x` (the whole micro-batch)
+    with: the batch's in train mode, the running one in eval mode. J_hat then estimates each
+    sample's Jacobian at the batch's statistics, not the batch-coupled one (docs/resnet.md)."""
+    if bn.training or bn.running_var is None:
+        var = x.detach().var(dim=(0, 2, 3), unbiased=False)
+    else:
+        var = bn.running_var
+    scale = (var + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight.detach()
+    return t * scale.view(1, 1, -1, 1, 1)
+
+
+def basic_block_forward(block: BasicBlock, x: torch.Tensor, t: torch.Tensor,
+                        rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """ReLU(BN(conv(ReLU(BN(conv(x))))) + shortcut(x)) and its tangent: the convolutions and
+    the shortcut are linear, BatchNorm as `batch_norm_tangent`, the ReLUs' masks from the
+    primal."""
+    a1 = block.conv1(x)
+    h = F.relu(block.bn1(a1))
+    a2 = block.conv2(h)
+    z = block.bn2(a2) + block.shortcut(x)
+    y = F.relu(z)
+    k = t.shape[0]
+    with torch.no_grad():
+        c1 = block.conv1
+        u = _unfold(F.conv2d(_fold(t), c1.weight.detach(), None, c1.stride, c1.padding), k)
+        u = batch_norm_tangent(block.bn1, a1, u) * (h[rows].detach() > 0)
+        c2 = block.conv2
+        u = _unfold(F.conv2d(_fold(u), c2.weight.detach(), None, c2.stride, c2.padding), k)
+        u = batch_norm_tangent(block.bn2, a2, u) + block.shortcut(t)
+        return y, u * (z[rows].detach() > 0)
 
 
 # -- closed-form tangents of the transformer's layers -------------------------------------------
