@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import copy
+import io
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 from torch import nn
 
 from grape_dist.config import Config, load_config
@@ -56,3 +60,39 @@ def one_step(cfg: Config, model: BlockModel, x: torch.Tensor, y: torch.Tensor):
     rule.finish_step()
     new = {k: v.detach().clone() for k, v in model.named_parameters()}
     return old, new, rule
+
+
+def encode_image(pixels: torch.Tensor, fmt: str) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(pixels.numpy()).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def write_cifar100(
+    root: Path, n_train: int = 40, n_test: int = 24, gray: bool = False
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Write {train,test}-00000-of-00001.parquet with columns img, fine_label, coarse_label.
+
+    Train images are PNG (lossless, so pixels can be compared), test images JPEG.
+    Returns the HWC pixels and fine labels written per split.
+    """
+    folder = root / "cifar100" / "cifar100"
+    folder.mkdir(parents=True)
+    gen = torch.Generator().manual_seed(0)
+    img_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    written = {}
+    for split, n, fmt in (("train", n_train, "PNG"), ("test", n_test, "JPEG")):
+        shape = (n, 32, 32) if gray else (n, 32, 32, 3)
+        pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
+        fine = torch.randint(0, 100, (n,), generator=gen)
+        images = [{"bytes": encode_image(p, fmt), "path": None} for p in pixels]
+        table = pa.table(
+            {
+                "img": pa.array(images, type=img_type),
+                "fine_label": pa.array(fine.tolist(), type=pa.int64()),
+                "coarse_label": pa.array((fine // 5).tolist(), type=pa.int64()),
+            }
+        )
+        pq.write_table(table, folder / f"{split}-00000-of-00001.parquet")
+        written[split] = (pixels, fine)
+    return written

@@ -11,10 +11,10 @@ import io
 import time
 from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import write_cifar100
 from PIL import Image
 
 from grape_dist.data import (
@@ -184,44 +184,8 @@ def test_cifar10_shared(tmp_path: Path) -> None:
 # CIFAR-100 in the hub's schema, written by the test
 
 
-def _encode(pixels: torch.Tensor, fmt: str) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(pixels.numpy()).save(buf, format=fmt)
-    return buf.getvalue()
-
-
-def _write_cifar100(
-    root: Path, n_train: int = 40, n_test: int = 24, gray: bool = False
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Write {train,test}-00000-of-00001.parquet with columns img, fine_label, coarse_label.
-
-    Train images are PNG (lossless, so pixels can be compared), test images JPEG.
-    Returns the HWC pixels and fine labels written per split.
-    """
-    folder = root / "cifar100" / "cifar100"
-    folder.mkdir(parents=True)
-    gen = torch.Generator().manual_seed(0)
-    img_type = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
-    written = {}
-    for split, n, fmt in (("train", n_train, "PNG"), ("test", n_test, "JPEG")):
-        shape = (n, 32, 32) if gray else (n, 32, 32, 3)
-        pixels = torch.randint(0, 256, shape, dtype=torch.uint8, generator=gen)
-        fine = torch.randint(0, 100, (n,), generator=gen)
-        images = [{"bytes": _encode(p, fmt), "path": None} for p in pixels]
-        table = pa.table(
-            {
-                "img": pa.array(images, type=img_type),
-                "fine_label": pa.array(fine.tolist(), type=pa.int64()),
-                "coarse_label": pa.array((fine // 5).tolist(), type=pa.int64()),
-            }
-        )
-        pq.write_table(table, folder / f"{split}-00000-of-00001.parquet")
-        written[split] = (pixels, fine)
-    return written
-
-
 def test_cifar100_written_parquet(tmp_path: Path) -> None:
-    written = _write_cifar100(tmp_path / "data")
+    written = write_cifar100(tmp_path / "data")
     ds = load_image_dataset("cifar100", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "c"))
     _check_image_dataset(ds, "cifar100", 40, 24)
     train_pixels, train_fine = written["train"]
@@ -231,7 +195,7 @@ def test_cifar100_written_parquet(tmp_path: Path) -> None:
 
 
 def test_corrupt_cache_is_rewritten(tmp_path: Path) -> None:
-    _write_cifar100(tmp_path / "data")
+    write_cifar100(tmp_path / "data")
     root, cache = str(tmp_path / "data"), tmp_path / "cache"
     first = load_image_dataset("cifar100", root=root, cache_dir=str(cache))
     (cache_file,) = cache.glob("cifar100-*.pt")
@@ -245,10 +209,10 @@ def test_corrupt_cache_is_rewritten(tmp_path: Path) -> None:
 
 
 def test_changed_source_file_misses_cache(tmp_path: Path) -> None:
-    _write_cifar100(tmp_path / "data")
+    write_cifar100(tmp_path / "data")
     root, cache = str(tmp_path / "data"), str(tmp_path / "cache")
     load_image_dataset("cifar100", root=root, cache_dir=cache)
-    _write_cifar100(tmp_path / "data2", n_train=8, n_test=4)
+    write_cifar100(tmp_path / "data2", n_train=8, n_test=4)
     target = tmp_path / "data" / "cifar100" / "cifar100"
     for f in (tmp_path / "data2" / "cifar100" / "cifar100").iterdir():
         f.replace(target / f.name)
@@ -258,7 +222,7 @@ def test_changed_source_file_misses_cache(tmp_path: Path) -> None:
 
 
 def test_unwritable_cache_dir_still_loads(tmp_path: Path) -> None:
-    _write_cifar100(tmp_path / "data")
+    write_cifar100(tmp_path / "data")
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where the cache folder should be")
     with pytest.warns(RuntimeWarning, match="not caching"):
@@ -269,7 +233,7 @@ def test_unwritable_cache_dir_still_loads(tmp_path: Path) -> None:
 
 
 def test_shape_mismatch_is_reported(tmp_path: Path) -> None:
-    _write_cifar100(tmp_path / "data", gray=True)
+    write_cifar100(tmp_path / "data", gray=True)
     with pytest.raises(ValueError, match=r"registry says \(3, 32, 32\)"):
         load_image_dataset("cifar100", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "c"))
 

@@ -237,3 +237,41 @@ def test_the_language_model_on_ranks_follows_the_one_process_trajectory(rule, ex
     assert runs[1][2]["final_test_perplexity"] == pytest.approx(
         runs[nproc][2]["final_test_perplexity"], rel=1e-5)
     assert runs[1][2]["final_test_perplexity"] < 60
+
+
+RESNET = ["model.name=resnet", "data.name=cifar100", "data.batch_size=16",
+          "pipeline.micro_batches=2", "train.epochs=1", "optim.name=sgd", "optim.lr=0.05",
+          "optim.momentum=0.9", "train.probe_batch_size=16"]
+
+
+@pytest.fixture(scope="module")
+def cifar100_root(tmp_path_factory):
+    """A small CIFAR-100 in the hub's parquet schema (random pixels: the trajectories are
+    compared, not learned)."""
+    from helpers import write_cifar100
+    root = tmp_path_factory.mktemp("cifar100")
+    write_cifar100(root, n_train=48, n_test=32)
+    return root
+
+
+def test_resnet20_on_eight_ranks_follows_the_one_process_trajectory(cifar100_root, tmp_path):
+    """One residual block per rank (stem + 3 blocks on rank 0 by parameter count); BatchNorm
+    sees the same micro-batches, so the trajectory is the same as one process's."""
+    args = ["rule=grape", *RESNET, f"data.root={cifar100_root}", "calibration.every_epochs=1"]
+    runs = {}
+    for n in (1, 8):
+        r = torchrun(n, tmp_path / str(n), *args)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[n] = load(tmp_path / str(n))
+    assert_same_run(runs[1], runs[8], atol=1e-5)
+    assert runs[8][2]["stages"] == 8
+
+
+def test_resnet56_on_eight_ranks_holds_about_one_eighth_per_rank(cifar100_root, tmp_path):
+    r = torchrun(8, tmp_path / "r56", "rule=dfa", *RESNET, "model.depth=56",
+                 f"data.root={cifar100_root}", "data.train_subset=16", "data.test_subset=16")
+    assert r.returncode == 0, r.stderr[-3000:]
+    per_rank = json.loads((tmp_path / "r56" / "summary.json").read_text())["parameters_per_rank"]
+    total = sum(per_rank)
+    assert len(per_rank) == 8 and total > 850_000  # ResNet-56 for 100 classes: ~861k
+    assert max(per_rank) <= 1.5 * total / 8, per_rank
