@@ -106,6 +106,8 @@ class GrapeConfig:
     # Tangents on m rows of each mini-batch (evenly spaced by row index; 0 = every row). The
     # rows do not depend on the micro-batching or the data-parallel split.
     tangent_samples: int = 0
+    # Independent tangent directions per tangent row (K): J_hat sums K x m rank-1 terms.
+    directions: int = 1
     # Where the tangent noise is drawn: `host` (CPU, then copied: the same numbers on every
     # device) or `device` (on the block's device: no host work or copy, numbers differ per
     # device type; what a GPU run wants for speed).
@@ -126,9 +128,17 @@ class PepitaConfig:
 
 @dataclass
 class CalibrationConfig:
-    """One exact BP step on one random mini-batch every `every_epochs` epochs (0 = off)."""
+    """One exact BP step on one random mini-batch every `every_epochs` epochs (0 = off).
+
+    `trigger: alignment`: every `every_epochs` epochs, measure the blocks' alignment on the
+    probe batch (mean over blocks of grad_cos, cos(B_l^T e, dL/dh_l)) and calibrate only when it
+    is below `threshold`, at most `budget` times in the run (0 = no limit). Rank 0 decides from
+    every stage's measurements; all ranks calibrate on the same step."""
 
     every_epochs: int = 0
+    trigger: Literal["every", "alignment"] = "every"
+    threshold: float = 0.5
+    budget: int = 0
     batch_size: int = 128
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(name="sgd", lr=0.01, momentum=0.9)
@@ -403,12 +413,17 @@ def validate(cfg: Config) -> None:
     _check(d.test_subset >= 0, "data.test_subset", "must be >= 0 (0 = all)")
     g = cfg.grape
     _check(g.tangent_samples >= 0, "grape.tangent_samples", "must be >= 0 (0 = every sample)")
+    _check(g.directions >= 1, "grape.directions", f"must be >= 1, got {g.directions}")
     _check(g.eps > 0, "grape.eps", f"must be > 0, got {g.eps}")
     _check(cfg.pepita.f_scale > 0, "pepita.f_scale", "must be > 0")
     c = cfg.calibration
     _check(c.every_epochs >= 0, "calibration.every_epochs",
            f"must be >= 0 (0 = off), got T={c.every_epochs}")
     _check(c.batch_size > 0, "calibration.batch_size", f"must be > 0, got {c.batch_size}")
+    _check(c.budget >= 0, "calibration.budget", f"must be >= 0 (0 = no limit), got {c.budget}")
+    if c.trigger == "alignment":
+        _check(c.every_epochs > 0, "calibration.trigger",
+               "alignment checks every calibration.every_epochs epochs: set it >= 1")
     if c.every_epochs > 0:
         _check(
             cfg.rule in CALIBRATED_RULES,

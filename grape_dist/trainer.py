@@ -147,9 +147,22 @@ class Trainer:
 
     # -- training --------------------------------------------------------------------------
 
-    def calibration_due(self, epoch: int) -> bool:
-        t = self.cfg.calibration.every_epochs
-        return t > 0 and epoch % t == 0
+    def calibration_due(self, epoch: int) -> tuple[bool, float | None]:
+        """(calibrate now?, the mean block alignment that decided it, if measured)."""
+        c = self.cfg.calibration
+        if c.every_epochs <= 0 or epoch % c.every_epochs:
+            return False, None
+        if c.budget and len(self.state.calibrations) >= c.budget:
+            return False, None
+        if c.trigger == "every":
+            return True, None
+        # Collective: every stage measures its blocks; rank 0 decides for everyone.
+        align = self.engine.alignment(self.probe.x, self.probe.y, self.cfg.seed,
+                                      max_outputs=0)
+        cos = [v["grad_cos"] for v in align.values()]
+        mean = sum(cos) / len(cos) if cos else 1.0
+        decision = (mean < c.threshold, mean) if self.rank == 0 else None
+        return self.engine.transport.all_gather_object(decision)[0]
 
     def calibrate(self, epoch: int) -> None:
         """One exact BP step on one random mini-batch (Algorithm 1, step 4)."""
@@ -196,7 +209,7 @@ class Trainer:
             for opt in self.engine.optimizers:
                 set_lr(opt, lr)
             train_loss, train_acc, stats = self.train_epoch(epoch)
-            calibrated = self.calibration_due(epoch)
+            calibrated, trigger_cos = self.calibration_due(epoch)
             if calibrated:
                 self.calibrate(epoch)
             if epoch % cfg.train.eval_every and epoch != cfg.train.epochs:
@@ -214,9 +227,10 @@ class Trainer:
             base = {"epoch": epoch, "step": self.state.step}
             self.writer.metrics({**base, "split": "train", "loss": train_loss,
                                  "accuracy": train_acc, **self._perplexity(train_loss)})
+            trigger = {} if trigger_cos is None else {"trigger_grad_cos": trigger_cos}
             self.writer.metrics({**base, "split": "test", "loss": test_loss,
                                  "accuracy": test_acc, **self._perplexity(test_loss),
-                                 "alignment": align})
+                                 "calibrated": calibrated, **trigger, "alignment": align})
             cos = " ".join(f"{n}:{v['grad_cos']:.2f}" for n, v in align.items())
             log.info("epoch %d/%d step %d | train loss %.4f acc %.4f | test loss %.4f acc %.4f%s"
                      "%s | %.1fs", epoch, cfg.train.epochs, self.state.step, train_loss,

@@ -52,6 +52,8 @@ CASES = [
     # micro-batching does not change them (it used to: B differed by 0.56 for M=1 vs M=3).
     ("grape", ("grape.tangent_samples=2",)),
     ("grape", ("grape.tangent_samples=5", "grape.routing=shared")),
+    # K = 3 directions per tangent row.
+    ("grape", ("grape.tangent_samples=3", "grape.directions=3")),
     ("dfa", ("pipeline.streaming=true",)), ("grape", ("pipeline.streaming=true",)),
 ]
 

@@ -68,6 +68,30 @@ def test_calibration_fires_once_every_T_epochs_on_one_mini_batch(tmp_path):
     assert steps == {1}
 
 
+@pytest.mark.parametrize("threshold,budget,expected", [(1.5, 2, [1, 2]), (-1.5, 0, []),
+                                                        (1.5, 0, [1, 2, 3])])
+def test_alignment_triggered_calibration(threshold, budget, expected, tmp_path):
+    """trigger=alignment: calibrate when the probe's mean grad_cos is below the threshold
+    (cosines lie in [-1, 1]: 1.5 always fires, -1.5 never), within the budget."""
+    cfg = load_config(None, [
+        "rule=dfa", "train.epochs=3", "data.train_subset=256", "data.batch_size=128",
+        "data.test_subset=128", "train.progress=false", "model.hidden=[16]",
+        "calibration.every_epochs=1", "calibration.trigger=alignment",
+        f"calibration.threshold={threshold}", f"calibration.budget={budget}",
+    ])
+    trainer = Trainer(cfg, tmp_path)
+    summary = trainer.fit()
+    assert [e.epoch for e in trainer.state.calibrations] == expected
+    assert summary["calibration_steps"] == len(expected)
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()
+            if '"test"' in r]
+    assert [r["calibrated"] for r in rows] == [e in expected for e in (1, 2, 3)]
+    # The measured alignment is recorded wherever it was measured (not once the budget is out).
+    measured = [r for r in rows if "trigger_grad_cos" in r]
+    assert len(measured) == (3 if budget == 0 else budget)
+    assert all(-1 <= r["trigger_grad_cos"] <= 1 for r in measured)
+
+
 def test_each_calibration_is_one_fresh_bp_step_on_its_batch(tmp_path):
     """Every calibration moves the weights exactly as one autograd SGD step on its own batch:
     the momentum of the calibration optimiser (0.9, the paper's) never carries a previous

@@ -10,7 +10,10 @@ update with the refined B_l.
 
 Which rows carry tangents (`grape.tangent_samples` = m): m rows of the global mini-batch, evenly
 spaced by global row index, so neither the micro-batching nor the data-parallel split changes
-which rows are perturbed or the numbers drawn for them (keyed by seed, step and block).
+which rows are perturbed or the numbers drawn for them (keyed by seed, step and block). With
+`grape.directions` = K > 1 each of those rows carries K independent tangents (the paper's
+"multiple perturbation directions"): J_hat sums K m rank-1 terms, a lower-variance estimate at
+K times the tangent work.
 """
 
 from __future__ import annotations
@@ -25,17 +28,19 @@ from .base import MicroBatch, Reduce, no_reduce
 from .tangents import Rows
 
 
-def tangent_rows(mb: MicroBatch, samples: int) -> tuple[int, int, Rows]:
+def tangent_rows(mb: MicroBatch, samples: int, directions: int = 1) -> tuple[int, int, Rows]:
     """The tangent rows of micro-batch `mb` when `samples` rows of its mini-batch carry
-    tangents (0 = all): (k0, k1, rows) such that tangent rows k0..k1-1 of the mini-batch are
-    rows `rows` of the micro-batch. Tangent row k is global row floor(k * total / m)."""
+    tangents (0 = all), each in `directions` independent directions: (k0, k1, rows) such that
+    tangents k0..k1-1 of the mini-batch sit on rows `rows` of the micro-batch. Tangent k is
+    direction k % directions of global row floor((k // directions) * total / m)."""
     m = min(samples or mb.total, mb.total)
-    # Global row floor(k*total/m) >= start  <=>  k >= start*m/total.
-    k0 = -(-mb.start * m // mb.total)
-    k1 = -(-(mb.start + mb.size) * m // mb.total)
-    if m == mb.total:
-        return k0, k1, slice(0, mb.size)
-    return k0, k1, torch.arange(k0, k1) * mb.total // m - mb.start
+    d = directions
+    # Global row floor(j*total/m) >= start  <=>  j >= start*m/total.
+    j0 = -(-mb.start * m // mb.total)
+    j1 = -(-(mb.start + mb.size) * m // mb.total)
+    if m == mb.total and d == 1:
+        return j0, j1, slice(0, mb.size)
+    return j0 * d, j1 * d, torch.arange(j0 * d, j1 * d) // d * mb.total // m - mb.start
 
 
 class FeedbackLearner:
@@ -48,6 +53,7 @@ class FeedbackLearner:
         self.B = B
         self.routing = cfg.routing
         self.samples = cfg.tangent_samples
+        self.directions = cfg.directions
         self.noise_on_device = cfg.tangent_noise == "device"
         self.eps = cfg.eps
         self.seed = seed
@@ -66,7 +72,7 @@ class FeedbackLearner:
         """`tangent_rows`, with an index tensor on `device` (cached: no copy per step)."""
         key = (mb.start, mb.size, mb.total, device)
         if key not in self._rows:
-            k0, k1, rows = tangent_rows(mb, self.samples)
+            k0, k1, rows = tangent_rows(mb, self.samples, self.directions)
             if isinstance(rows, torch.Tensor) and device is not None:
                 rows = rows.to(device)
             self._rows[key] = (k0, k1, rows)
@@ -83,7 +89,7 @@ class FeedbackLearner:
         if mb.step != self._noise_step:
             self._noise_step, self._noise = mb.step, {}
         if i not in self._noise:
-            m = min(self.samples or mb.total, mb.total)
+            m = min(self.samples or mb.total, mb.total) * self.directions
             if self.noise_on_device and device.type == "cuda" and \
                     torch.cuda.is_current_stream_capturing():
                 # Inside a CUDA graph: the default generator, whose state the graph advances at
