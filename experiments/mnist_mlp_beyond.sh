@@ -23,3 +23,6 @@ run grape mnist_mlp_grape
 run grape_k4 mnist_mlp_grape grape.directions=4
 run grape_trigger mnist_mlp_grape calibration.every_epochs=1 calibration.trigger=alignment \
     calibration.threshold=0.8 calibration.budget=5
+# A threshold inside the measured range (0.82-0.84 above), so that the trigger decides.
+run grape_trigger084 mnist_mlp_grape calibration.every_epochs=1 calibration.trigger=alignment \
+    calibration.threshold=0.84 calibration.budget=5
