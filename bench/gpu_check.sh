@@ -10,7 +10,7 @@
 #   pytest    pytest -m gpu: fused tangents vs torch.func.jvp on CUDA, one step of every rule on
 #             CUDA vs the CPU, stages on CUDA streams vs sequential (2-GPU nccl test skips on 1)
 #   torchrun  a 1-rank torchrun with nccl on CUDA tensors: MNIST MLP GrAPE, 1 epoch
-#   step_time bench/step_time.py --device cuda on the MLP, LeNet and the Transformer
+#   step_time bench/step_time.py --device cuda on the MLP, LeNet, ResNet-20 and the Transformer
 #   table5    bench/table5.py --device cuda: depth 2/4/8, sequential BP, fair BP (eager fused,
 #             CUDA graph), layer-parallel GrAPE on CUDA streams, with a profile at depth 8
 #   table5_graph  the same with GrAPE's whole step captured in a CUDA graph
@@ -54,7 +54,7 @@ step torchrun 150 bash -c "$py -m torch.distributed.run --standalone --nproc_per
 -m grape_dist.train --config configs/mnist_mlp_grape.yaml --quiet --out $run_dir \
 train.epochs=1 train.device=cuda && cat $run_dir/summary.json"
 step step_time 150 "$py" bench/step_time.py --device cuda --batch 256 --steps 20 \
-    --models mlp,cnn,transformer
+    --models mlp,cnn,resnet20,transformer
 step table5 240 "$py" bench/table5.py --device cuda --profile --json "$out/table5.json"
 # The whole GrAPE step in one CUDA graph, in a process of its own (a failed capture can leave
 # the CUDA context unusable).

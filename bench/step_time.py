@@ -35,6 +35,7 @@ MODELS = {
             (1, 28, 28)),
     "cnn-cifar": (["model.name=lenet", "model.channels=[32, 64]", "model.hidden=[512, 256]"],
                   (3, 32, 32)),
+    "resnet20": (["model.name=resnet", "model.depth=20"], (3, 32, 32)),
 }
 # The Transformer: the paper's Table 5 width and sequence length, 4 layers, macro feedback.
 TRANSFORMER = {"vocab": 256, "context": 64, "d_model": 128, "layers": 4, "heads": 4}

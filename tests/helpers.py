@@ -96,3 +96,19 @@ def write_cifar100(
         pq.write_table(table, folder / f"{split}-00000-of-00001.parquet")
         written[split] = (pixels, fine)
     return written
+
+
+def freeze_batch_statistics(block: nn.Module, x: torch.Tensor) -> None:
+    """Put every BatchNorm of `block` in eval mode with running statistics equal to the batch
+    statistics it sees on `x` in train mode: the reference function of the tangent."""
+    seen = {}
+    hooks = [bn.register_forward_hook(
+        lambda mod, inp, out: seen.__setitem__(mod, inp[0].detach()))
+        for bn in block.modules() if isinstance(bn, nn.BatchNorm2d)]
+    block(x)
+    for h in hooks:
+        h.remove()
+    for bn, z in seen.items():
+        bn.running_mean.copy_(z.mean(dim=(0, 2, 3)))
+        bn.running_var.copy_(z.var(dim=(0, 2, 3), unbiased=False))
+        bn.eval()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import freeze_batch_statistics
 from torch import nn
 from torch.func import jvp
 
@@ -20,22 +21,6 @@ def resnet(depth=8, classes=5):
     return build_resnet((3, 8, 8), classes, depth).materialize(seed=0)
 
 
-def _freeze_batch_statistics(block: nn.Module, x: torch.Tensor) -> None:
-    """Put every BatchNorm of `block` in eval mode with running statistics equal to the batch
-    statistics it sees on `x` in train mode: the reference function of the tangent."""
-    seen = {}
-    hooks = [bn.register_forward_hook(
-        lambda mod, inp, out: seen.__setitem__(mod, inp[0].detach()))
-        for bn in block.modules() if isinstance(bn, nn.BatchNorm2d)]
-    block(x)
-    for h in hooks:
-        h.remove()
-    for bn, z in seen.items():
-        bn.running_mean.copy_(z.mean(dim=(0, 2, 3)))
-        bn.running_var.copy_(z.var(dim=(0, 2, 3), unbiased=False))
-        bn.eval()
-
-
 @pytest.mark.parametrize("streams", [1, 3])
 def test_block_tangents_match_torch_func_jvp_with_batch_statistics_held(streams):
     torch.manual_seed(0)
@@ -46,7 +31,7 @@ def test_block_tangents_match_torch_func_jvp_with_batch_statistics_held(streams)
         t = torch.randn(streams, len(rows), *h.shape[1:], dtype=torch.double)
         y, tt = block_forward(block, h, t, rows)
         ref_block = __import__("copy").deepcopy(block)
-        _freeze_batch_statistics(ref_block, h)
+        freeze_batch_statistics(ref_block, h)
         torch.testing.assert_close(y, ref_block(h))  # held statistics: the same primal
         for k in range(streams):
             _, ref = jvp(ref_block, (h[rows],), (t[k],))
