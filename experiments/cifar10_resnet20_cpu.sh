@@ -7,18 +7,10 @@
 set -euo pipefail
 out=${1:-runs/cifar10_resnet20}
 cd "$(dirname "$0")/.."
-py=${PYTHON:-.venv/bin/python}
-run() {  # run NAME RULE OVERRIDES...
-    local name=$1 rule=$2
-    shift 2
-    echo "== $name"
-    "$py" -m grape_dist.train --config "configs/cifar10_resnet20_$rule.yaml" --out "$out/$name" \
-        --quiet "$@"
-    "$py" -c "import json,sys; s=json.load(open(sys.argv[1])); print(sys.argv[2], \
-'test acc %.4f (best %.4f), %.0fs' % (s['final_test_accuracy'], s['best_test_accuracy'], \
-s['wall_seconds']))" "$out/$name/summary.json" "$name"
-}
-run bp bp
-run dfa_cal1 dfa calibration.every_epochs=1
-run grape_cal1 grape calibration.every_epochs=1
-run grape grape
+common=()
+# shellcheck source=experiments/common.sh
+source experiments/common.sh
+run_config bp cifar10_resnet20_bp
+run_config dfa_cal1 cifar10_resnet20_dfa calibration.every_epochs=1
+run_config grape_cal1 cifar10_resnet20_grape calibration.every_epochs=1
+run_config grape cifar10_resnet20_grape

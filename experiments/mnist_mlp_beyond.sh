@@ -6,23 +6,14 @@
 set -euo pipefail
 out=${1:-runs/mnist_beyond}
 cd "$(dirname "$0")/.."
-py=${PYTHON:-.venv/bin/python}
-run() {  # run NAME CONFIG OVERRIDES...
-    local name=$1 config=$2
-    shift 2
-    echo "== $name"
-    "$py" -m grape_dist.train --config "configs/$config.yaml" --out "$out/$name" --quiet \
-        train.epochs=10 train.threads=2 "$@"
-    "$py" -c "import json,sys; s=json.load(open(sys.argv[1])); print(sys.argv[2], \
-'test acc %.4f (best %.4f), %d calibrations, %.0fs' % (s['final_test_accuracy'], \
-s['best_test_accuracy'], s['calibration_steps'], s['wall_seconds']))" \
-        "$out/$name/summary.json" "$name"
-}
-run dfa mnist_mlp_dfa
-run grape mnist_mlp_grape
-run grape_k4 mnist_mlp_grape grape.directions=4
-run grape_trigger mnist_mlp_grape calibration.every_epochs=1 calibration.trigger=alignment \
-    calibration.threshold=0.8 calibration.budget=5
+common=(train.epochs=10 train.threads=2)
+# shellcheck source=experiments/common.sh
+source experiments/common.sh
+run_config dfa mnist_mlp_dfa
+run_config grape mnist_mlp_grape
+run_config grape_k4 mnist_mlp_grape grape.directions=4
+run_config grape_trigger mnist_mlp_grape calibration.every_epochs=1 \
+    calibration.trigger=alignment calibration.threshold=0.8 calibration.budget=5
 # A threshold inside the measured range (0.82-0.84 above), so that the trigger decides.
-run grape_trigger084 mnist_mlp_grape calibration.every_epochs=1 calibration.trigger=alignment \
-    calibration.threshold=0.84 calibration.budget=5
+run_config grape_trigger084 mnist_mlp_grape calibration.every_epochs=1 \
+    calibration.trigger=alignment calibration.threshold=0.84 calibration.budget=5
