@@ -58,23 +58,22 @@ class TrainState:
 def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, str]:
     if cfg.data.name in TEXT_DATASETS:
         text = load_text_dataset(cfg.data.name, cfg.data.root, cfg.data.seq_len)
-        out = []
-        for x, y, n in ((text.train_x, text.train_y, cfg.data.train_subset),
-                        (text.test_x, text.test_y, cfg.data.test_subset)):
-            if n:
-                idx = subset_indices(len(y), n, cfg.seed)
-                x, y = x[idx], y[idx]
-            out.append(Tensors(x, y))
-        return out[0], out[1], text.source
+        return (_subset(text.train_x, text.train_y, cfg.data.train_subset, cfg.seed),
+                _subset(text.test_x, text.test_y, cfg.data.test_subset, cfg.seed), text.source)
     ds = load_image_dataset(cfg.data.name, cfg.data.root)
     splits = []
     for split, n in ((ds.train, cfg.data.train_subset), (ds.test, cfg.data.test_subset)):
-        images, labels = split.images, split.labels
-        if n:
-            idx = subset_indices(len(labels), n, cfg.seed)
-            images, labels = images[idx], labels[idx]
-        splits.append(Tensors(normalize(images, ds.mean, ds.std), labels))
+        part = _subset(split.images, split.labels, n, cfg.seed)  # before normalising: cheaper
+        splits.append(Tensors(normalize(part.x, ds.mean, ds.std), part.y))
     return splits[0], splits[1], ds.source
+
+
+def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> Tensors:
+    """A fixed random subset of n samples (0 = all)."""
+    if not n:
+        return Tensors(x, y)
+    idx = subset_indices(len(y), n, seed)
+    return Tensors(x[idx], y[idx])
 
 
 def build_model_for(cfg: Config) -> BlockModel:

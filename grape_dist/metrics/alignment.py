@@ -147,7 +147,7 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
             row = {"grad_cos": float(cos[live].mean()) if live.any() else 0.0}
             if units:
                 row["jac_cos"] = frobenius_cosine(bmat, torch.stack(jac[b]))
-            row["jhat_cos"] = frobenius_cosine(bmat, jacobian_estimate(g[i], p, *bmat.shape))
+            row["jhat_cos"] = frobenius_cosine(bmat, jacobian_estimate(g[i], p))
             out[stage.blocks[i - stage.first].name] = row
     transport.flush()
     transport.check_idle("end of the alignment probe")

@@ -55,12 +55,11 @@ def frobenius_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> fl
     return float((a * b).sum() / (a.norm() * b.norm() + eps))
 
 
-def jacobian_estimate(g: torch.Tensor, p: torch.Tensor, d_out: int | None = None,
-                      n: int | None = None) -> torch.Tensor:
-    """J_hat = sum over samples of g_s p_s^T: (m x d_out), (m x n) -> d_out x n.
+def jacobian_estimate(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+    """J_hat = sum over samples of g_s p_s^T: (m x d_out), (m x ...) -> d_out x n.
 
     With feedback shared over positions (a language model's tokens), g is (m x T x d_out) and
-    p (m x T x n): every (sample, position) pair is one more term of the sum (give d_out, n)."""
-    if d_out is None or n is None:
-        return g.reshape(g.shape[0], -1).T @ p.reshape(p.shape[0], -1)
-    return g.reshape(-1, d_out).T @ p.reshape(-1, n)
+    p (m x T x n): every (sample, position) pair is one more term of the sum. Either way the
+    rows of g (all but its last axis) are the terms, and p is cut into as many rows."""
+    g = g.reshape(-1, g.shape[-1])
+    return g.T @ p.reshape(g.shape[0], -1)

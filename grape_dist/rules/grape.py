@@ -123,7 +123,7 @@ class FeedbackLearner:
         """J_hat_i += sum_s g_s p_s^T, with g the output tangents of block i's stream (its
         position among the hidden blocks, or the single shared stream)."""
         k = i if self.routing == "per_block" else 0
-        j = fb.jacobian_estimate(output_tangents[k], p, *self.B[i].shape)
+        j = fb.jacobian_estimate(output_tangents[k], p)
         if i in self._jhat:
             self._jhat[i].add_(j)
         else:

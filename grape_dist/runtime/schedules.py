@@ -126,7 +126,7 @@ class Schedule:
         left in flight."""
         out: dict = {}
         for s, rule in stages:
-            self.transport.hold(rule.held_tensors())
+            self.transport.hold(rule.held_tensors)
             with self.transport.stage(s):
                 out.update(rule.finish_step())
         self.transport.all_reduce_replicas([stats])

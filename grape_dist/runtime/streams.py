@@ -23,6 +23,7 @@ Synchronisation, the usual CUDA rules:
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -80,8 +81,8 @@ class StreamTransport(InProcessTransport):
         for stream in self.streams:
             stream.wait_stream(current)
 
-    def hold(self, objects: list[Any]) -> None:
-        self._held.extend(objects)
+    def hold(self, held: Callable[[], list[Any]]) -> None:
+        self._held.extend(held())
 
     def join(self) -> None:
         current = torch.cuda.current_stream(self.device)

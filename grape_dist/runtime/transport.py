@@ -14,6 +14,7 @@ apart, so one process, torchrun with one rank and P ranks run the same schedule 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
@@ -93,8 +94,9 @@ class Transport:
     def share(self, tensors: list[torch.Tensor], src: int, dst: int) -> None:
         """Stage `dst` is about to use `tensors` that stage `src` made (without a send)."""
 
-    def hold(self, objects: list[Any]) -> None:
-        """Keep `objects` referenced until `join` (stashes dropped on another stream)."""
+    def hold(self, held: Callable[[], list[Any]]) -> None:
+        """Keep what `held()` returns referenced until `join` (stashes dropped on another
+        stream); called only by transports that need it, so others pay nothing."""
 
     def check_idle(self, where: str) -> None:
         pending = {k: v for k, v in self.in_flight().items() if v}
