@@ -94,6 +94,10 @@ class FeedbackConfig:
     init: Literal["gaussian", "uniform"] = "gaussian"
     # Unit-norm columns, as GrAPE's renormalisation keeps them; DFA starts from the same B.
     normalize_columns: bool = True
+    # Conv blocks (output C x H x W): `full`, one column per output value (the paper's B_l);
+    # `channel`, one column per channel, its signal repeated over positions (C columns: far
+    # fewer parameters, and GrAPE's tangent is drawn per channel). Dense blocks: always full.
+    conv: Literal["full", "channel"] = "full"
 
 
 @dataclass

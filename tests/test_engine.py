@@ -55,6 +55,8 @@ CASES = [
     # K = 3 directions per tangent row.
     ("grape", ("grape.tangent_samples=3", "grape.directions=3")),
     ("dfa", ("pipeline.streaming=true",)), ("grape", ("pipeline.streaming=true",)),
+    # Channel-shared conv feedback (tangents drawn per channel, repeated over positions).
+    ("grape", ("feedback.conv=channel", "grape.tangent_samples=5")),
 ]
 
 
@@ -131,7 +133,9 @@ def test_blocks_are_initialised_from_a_per_block_key():
 
 def _reference_alignment(model, feedback, x, y, seed):
     """The metrics by a plain full-model backward (and one JVP per block through the rest of
-    the model), with no pipeline."""
+    the model), with no pipeline. A channel-shared B (C columns for a C x H x W output) is
+    compared through the matrix P (CHW x C) that repeats a channel's value over its
+    positions: signal P B^T e, Jacobians J P."""
     blocks = list(model.blocks)
     hs, h = [], x
     for block in blocks:
@@ -151,22 +155,27 @@ def _reference_alignment(model, feedback, x, y, seed):
     for i, g in zip(ids, grads):
         b = feedback[i]
         g = g.reshape(len(y), -1)
+        channels = hs[i].shape[1]
+        pm = torch.eye(g.shape[1])
+        if b.shape[1] != g.shape[1]:
+            pm = torch.eye(channels).repeat_interleave(g.shape[1] // channels, dim=0)
         p = torch.randn(hs[i].shape, generator=keyed_generator(seed, "probe", i))
         t, hh = p.unsqueeze(0), hs[i].detach()
         with torch.no_grad():
             for block in blocks[i + 1:]:
                 hh, t = block_forward(block, hh, t)
         out[blocks[i].name] = {
-            "grad_cos": float(F.cosine_similarity(e @ b, g, dim=1, eps=1e-12).mean()),
-            "jac_cos": frobenius_cosine(b, jac[i]),
-            "jhat_cos": frobenius_cosine(b, jacobian_estimate(t[0], p)),
+            "grad_cos": float(F.cosine_similarity(e @ b @ pm.T, g, dim=1, eps=1e-12).mean()),
+            "jac_cos": frobenius_cosine(b, jac[i] @ pm),
+            "jhat_cos": frobenius_cosine(b, jacobian_estimate(t[0], p) @ pm),
         }
     return out
 
 
-@pytest.mark.parametrize("stages", [1, 2, 3])
-def test_alignment_probe_matches_a_full_model_backward(stages, float64):
-    engine = _engine("grape", stages, 1, model=tiny_cnn().double())
+@pytest.mark.parametrize("stages,conv", [(1, "full"), (2, "full"), (3, "full"),
+                                         (2, "channel")])
+def test_alignment_probe_matches_a_full_model_backward(stages, conv, float64):
+    engine = _engine("grape", stages, 1, (f"feedback.conv={conv}",), model=tiny_cnn().double())
     x, y = torch.randn(6, 2, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     engine.train_step(x, y, 0)  # B moves away from its initial value
     got = engine.alignment(x, y, seed=3, max_outputs=10)

@@ -60,7 +60,9 @@ def _dense_dfa_step(model, x, e, b, act):
 def _conv_dfa_step(model, x, e, b):
     """The DFA update of `tiny_cnn` written out with im2col (F.unfold), no autograd: the
     projected signal at each block output, through the pool (max: to the window's arg-max;
-    average: spread evenly), times the activation's derivative, against the input patches."""
+    average: spread evenly), times the activation's derivative, against the input patches.
+    A channel-shared B (one column per channel) gives each channel one value at all its
+    positions."""
     (w1, b1), (w2, b2), (w3, b3) = [(blk[i].weight, blk[i].bias) for blk, i in
                                     zip(model.blocks, (0, 0, 1))]
     n = len(x)
@@ -72,7 +74,8 @@ def _conv_dfa_step(model, x, e, b):
     t2 = torch.tanh(a2)
     h2 = t2.mean((2, 3), keepdim=True)
     # block 1: max pool routes each window's signal to its (first) arg-max
-    dh1 = (e @ b[0]).reshape(n, 3, 4, 4)
+    dh1 = e @ b[0]
+    dh1 = dh1.reshape(n, 3, 4, 4) if dh1.shape[1] == 48 else dh1[..., None, None].repeat(1, 1, 4, 4)
     pick = F.one_hot(win.argmax(-1), 4).double() * dh1[..., None]  # (n, 3, 4, 4, 4)
     dr1 = pick.reshape(n, 3, 4, 4, 2, 2).permute(0, 1, 2, 4, 3, 5).reshape(n, 3, 8, 8)
     da1 = dr1 * (a1 > 0).double()
@@ -124,13 +127,16 @@ def test_dfa_matches_closed_form_dense(act):
     _check(old, new, _dense_dfa_step(model, x, e, b, act))
 
 
-def test_dfa_matches_closed_form_conv():
+@pytest.mark.parametrize("conv,columns", [("full", 48), ("channel", 3)])
+def test_dfa_matches_closed_form_conv(conv, columns):
     model = tiny_cnn().double()
     x = torch.randn(5, 2, 8, 8)
     y = torch.tensor([0, 1, 2, 1, 0])
-    old, new, rule = one_step(sgd_config("dfa"), model, x, y)
+    old, new, rule = one_step(sgd_config("dfa", f"feedback.conv={conv}"), model, x, y)
+    b = rule.feedback_matrices()
+    assert b[0].shape == (3, columns)
     e = _error(model(x), y)
-    _check(old, new, _conv_dfa_step(model, x, e, rule.feedback_matrices()))
+    _check(old, new, _conv_dfa_step(model, x, e, b))
 
 
 def test_drtp_projects_the_target():

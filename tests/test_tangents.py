@@ -106,6 +106,23 @@ def test_activation_space_estimator_is_unbiased(routing):
         assert rel < 0.1, (i, rel)
 
 
+def test_channel_shared_estimator_is_unbiased_for_the_position_summed_jacobian():
+    """feedback.conv=channel: tangents drawn per channel and repeated over positions give
+    J_hat = g q^T, unbiased for J P (P sums each channel's positions)."""
+    model = tiny_cnn().double()
+    x = torch.randn(2, 2, 8, 8)
+    y = torch.tensor([1, 2])
+    cfg = sgd_config("grape", "feedback.conv=channel")
+    est = _collect_estimates(cfg, model, x, y, 4000)
+    true = _true_jacobians(model, x)
+    assert est[0].shape[1:] == (3, 3)  # conv1: C = 3 columns instead of 3 x 4 x 4
+    for i, j in true.items():
+        c = model.blocks[i].out_shape[0]
+        pm = torch.eye(c).repeat_interleave(j.shape[1] // c, dim=0)
+        rel = float((est[i].mean(0) - j @ pm).norm() / (j @ pm).norm())
+        assert rel < 0.1, (i, rel)
+
+
 def test_rank1_estimator_mean_frobenius_cosine_exceeds_eq4_bound():
     # One sample, per-block tangents: cos_F(J, (Jp)p^T) = |J s| / |J|_F (section 3.2).
     model = tiny_cnn().double()

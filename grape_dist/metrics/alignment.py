@@ -29,7 +29,7 @@ import torch.nn.functional as F
 
 from ..rng import keyed_generator
 from ..rules.direct import DirectFeedbackRule
-from ..rules.feedback import frobenius_cosine, jacobian_estimate
+from ..rules.feedback import feedback_columns, frobenius_cosine, jacobian_estimate, project
 from ..rules.tangents import block_forward
 
 if TYPE_CHECKING:
@@ -142,12 +142,16 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
             bmat = feedback[i]
             # Per output position: one row per sample, or per token with position-shared B.
             grad = true_grads[b].reshape(rows, -1)
-            cos = F.cosine_similarity(e @ bmat, grad, dim=1, eps=1e-12)
+            # (A channel-shared B's signal is repeated over each channel's positions.)
+            proj = project(e, bmat, true_grads[b].shape) if spec.positions == 1 else e @ bmat
+            cos = F.cosine_similarity(proj.reshape(rows, -1), grad, dim=1, eps=1e-12)
             live = grad.norm(dim=1) > 0
             row = {"grad_cos": float(cos[live].mean()) if live.any() else 0.0}
             if units:
-                row["jac_cos"] = frobenius_cosine(bmat, torch.stack(jac[b]))
-            row["jhat_cos"] = frobenius_cosine(bmat, jacobian_estimate(g[i], p))
+                row["jac_cos"] = frobenius_cosine(
+                    bmat, feedback_columns(torch.stack(jac[b]), bmat.shape[1]))
+            row["jhat_cos"] = frobenius_cosine(
+                bmat, feedback_columns(jacobian_estimate(g[i], p), bmat.shape[1]))
             out[stage.blocks[i - stage.first].name] = row
     transport.flush()
     transport.check_idle("end of the alignment probe")

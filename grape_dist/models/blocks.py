@@ -126,11 +126,14 @@ class BlockModel(nn.Module):
             width = head_in[-1]
         self.signal_spec = SignalSpec(num_classes, positions, width)
 
-    def feedback_width(self, index: int) -> int:
+    def feedback_width(self, index: int, per_channel: bool = False) -> int:
         """Columns of block `index`'s feedback matrix: its flattened output, or its channels
-        when the feedback is shared over positions (one B per model, SignalSpec.positions > 1)."""
+        when the feedback is shared over positions (a language model's tokens, SignalSpec.positions
+        > 1; or with `per_channel`, the positions of a conv block's (C, H, W) output)."""
         block = self.blocks[index]
         if self.signal_spec.positions == 1:
+            if per_channel and len(block.out_shape) == 3:
+                return block.out_shape[0]
             return block.out_features
         if math.prod(block.out_shape[:-1]) != self.signal_spec.positions:
             raise ValueError(f"block {index} ({block.name}) outputs {block.out_shape}; feedback "

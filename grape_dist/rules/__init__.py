@@ -63,8 +63,10 @@ def build_stage_rule(cfg: Config, model: BlockModel, first: int, last: int,
         # B_l for every hidden block, keyed by (seed, block): the same whatever the partition.
         # Leaf parameters so that a torch optimiser can step them; they never enter an autograd
         # graph (GrAPE's gradients come from the closed form of eq. 17).
+        per_channel = cfg.feedback.conv == "channel"
         feedback = {
-            i: nn.Parameter(init_feedback(model.signal_spec.signal_width, model.feedback_width(i),
+            i: nn.Parameter(init_feedback(model.signal_spec.signal_width,
+                                          model.feedback_width(i, per_channel),
                                           keyed_generator(cfg.seed, "feedback", i),
                                           cfg.feedback.init,
                                           cfg.feedback.normalize_columns).to(device),

@@ -18,12 +18,14 @@ step.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from ..models import Block
+from . import feedback as fb
 from .base import MicroBatch, OutputSignal, Reduce, StageRule, accumulate_grad, no_reduce
 from .grape import FeedbackLearner
 from .tangents import Rows, block_forward, layer_forward
@@ -109,10 +111,11 @@ class DirectFeedbackRule(StageRule):
                 with torch.enable_grad():
                     y, tangents = block_forward(block, x_in, tangents, rows)
             if self.learner is not None and i in self.B:
-                p = self.learner.draw(i, mb, k0, k1, block.out_shape, y.device)
+                p = self.learner.draw(i, mb, k0, k1, self._direction_shape(i), y.device)
                 if p is not None:
                     stash.directions[i] = p
-                    tangents = self.learner.route(tangents, p)
+                    # A channel-shared B: one number per channel, repeated over positions.
+                    tangents = self.learner.route(tangents, p.expand(len(p), *block.out_shape))
             stash.outputs.append(y)
             x = y
         return x.detach(), tangents
@@ -130,6 +133,14 @@ class DirectFeedbackRule(StageRule):
             y, tangents = layer_forward(act, y, tangents, rows)
         stash.dense[offset] = x
         return y, tangents
+
+    def _direction_shape(self, i: int) -> tuple[int, ...]:
+        """The shape of block i's tangent per row: its output's, or (C, 1, 1) when its B has
+        one column per channel of a (C, H, W) output."""
+        shape = self.blocks[i - self.first].out_shape
+        if len(shape) == 3 and self.B[i].shape[1] == shape[0] != math.prod(shape):
+            return (shape[0], 1, 1)
+        return shape
 
     # -- signal and update -------------------------------------------------------------------
 
@@ -199,7 +210,7 @@ class DirectFeedbackRule(StageRule):
                         continue
                     delta = stash.signal.error.reshape(y.shape)
                 else:
-                    delta = (src @ self.B[i]).reshape(y.shape)
+                    delta = fb.project(src, self.B[i], y.shape)
                 if offset in stash.dense:
                     dense.setdefault(offset, []).append((stash.dense[offset], y, delta))
                 else:

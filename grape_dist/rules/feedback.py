@@ -2,9 +2,18 @@
 
 Conventions: the output error of a mini-batch is `e` (batch x d_out); block l receives
 `delta_h_l = e @ B_l` (i.e. B_l^T e per sample), reshaped to the block's output shape.
+
+Channel-shared feedback (`feedback.conv: channel`) for a conv block with output (C, H, W): B_l
+is d_out x C and the projected signal is the same at every position of a channel. Its target
+is then J_l P, P (CHW x C) summing positions per channel: the direction of the least-squares
+channel-shared approximation of J_l^T e. A tangent drawn per channel and repeated over positions
+(p = P q) gives g q^T = J_l P q q^T, unbiased for J_l P with the variance of a C-dimensional
+draw rather than a CHW-dimensional one.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -53,6 +62,26 @@ def alignment_loss_grad(b: torch.Tensor, j: torch.Tensor, eps: float = 1e-8):
 def frobenius_cosine(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-12) -> float:
     """cos_F(A, B) = <A, B>_F / (||A||_F ||B||_F)  (eq. 3)."""
     return float((a * b).sum() / (a.norm() * b.norm() + eps))
+
+
+def project(src: torch.Tensor, b: torch.Tensor, shape: torch.Size | tuple[int, ...]
+            ) -> torch.Tensor:
+    """`src @ B` laid out as the block output `shape` (batch first); with channel-shared B (fewer
+    columns than the output has values per sample) each channel's value is repeated over its
+    positions."""
+    d = src @ b
+    if d.numel() == math.prod(shape):
+        return d.reshape(shape)
+    return d.reshape(shape[0], shape[1], *[1] * (len(shape) - 2)).expand(shape)
+
+
+def feedback_columns(j: torch.Tensor, columns: int) -> torch.Tensor:
+    """A Jacobian (d_out x n_l) in the form of a feedback matrix with `columns` columns:
+    itself, or for channel-shared feedback its columns summed over each channel's positions
+    (J_l P)."""
+    if j.shape[1] == columns:
+        return j
+    return j.reshape(j.shape[0], columns, -1).sum(-1)
 
 
 def jacobian_estimate(g: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
