@@ -13,6 +13,7 @@ import torch
 
 from ..models import BlockModel
 from ..rules import MicroBatch
+from .batch_norm import ReplicaStatistics, batch_norms
 from .final_state import save_stage_state
 from .layout import Layout
 from .schedules import Batch, Inference, Schedule, StepResult, split_micro_batches
@@ -39,6 +40,9 @@ class PipelineEngine:
         self.device = device
         self.num_classes = model.num_classes
         self.inference = Inference(transport, layout.num_stages, device)
+        # Replicas' BatchNorm running statistics, merged to one process's after every step.
+        self.bn_stats = ReplicaStatistics(batch_norms(b for s in stages for b in s.blocks),
+                                          self.replica, layout.dp, transport.all_reduce_replicas)
 
     # -- training --------------------------------------------------------------------------
 
@@ -55,7 +59,13 @@ class PipelineEngine:
         """One mini-batch: this replica's rows `x`, `y`, the first being global row `offset`
         of a global mini-batch of `total` rows (default: these rows are all of it)."""
         stages = [(s.index, s.rule) for s in self.stages]
-        return self.train_schedule.run(stages, self._batch(x, y, step, offset, total))
+        return self._run(self.train_schedule, stages, self._batch(x, y, step, offset, total))
+
+    def _run(self, schedule: Schedule, stages: list, batch: Batch) -> StepResult:
+        self.bn_stats.snapshot()
+        result = schedule.run(stages, batch)
+        self.bn_stats.merge()
+        return result
 
     def calibrate(self, x: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
                   total: int | None = None) -> StepResult:
@@ -63,7 +73,8 @@ class PipelineEngine:
         if self.calibration_schedule is None:
             raise RuntimeError("calibration is off for this run (calibration.every_epochs = 0)")
         stages = [(s.index, s.calibration) for s in self.stages]
-        return self.calibration_schedule.run(stages, self._batch(x, y, step, offset, total))
+        return self._run(self.calibration_schedule, stages,
+                         self._batch(x, y, step, offset, total))
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

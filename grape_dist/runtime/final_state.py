@@ -1,7 +1,7 @@
 """Final weights and feedback matrices, written by the rank that holds each stage.
 
 `train.save_final` writes `<out>/final_state/stage_<s>.pt` for every stage s (replica 0's
-copy): parameters under their full-model names (`blocks.<i>.<...>`) and the stage's feedback
+copy): parameters and buffers under their full-model names (`blocks.<i>.<...>`) and the stage's feedback
 matrices. No rank ever gathers the whole model. `load_final_state` merges the files.
 """
 
@@ -19,8 +19,9 @@ FOLDER = "final_state"
 
 def save_stage_state(out_dir: str | Path, stage: Stage, num_stages: int, step: int,
                      epoch: int) -> None:
+    # Parameters and buffers (BatchNorm's running statistics are part of the model).
     params = {f"blocks.{stage.first + b}.{k}": v.detach().cpu()
-              for b, block in enumerate(stage.blocks) for k, v in block.named_parameters()}
+              for b, block in enumerate(stage.blocks) for k, v in block.state_dict().items()}
     state = {"stage": stage.index, "num_stages": num_stages, "step": step, "epoch": epoch,
              "model": params,
              "feedback": {i: b.cpu() for i, b in stage.rule.feedback_matrices().items()}}
