@@ -1,8 +1,8 @@
 """Final weights and feedback matrices, written by the rank that holds each stage.
 
 `train.save_final` writes `<out>/final_state/stage_<s>.pt` for every stage s (replica 0's
-copy): parameters and buffers under their full-model names (`blocks.<i>.<...>`) and the stage's feedback
-matrices. No rank ever gathers the whole model. `load_final_state` merges the files.
+copy): parameters and buffers under their full-model names (`blocks.<i>.<...>`) and the stage's
+feedback matrices. No rank ever gathers the whole model. `load_final_state` merges the files.
 """
 
 from __future__ import annotations
