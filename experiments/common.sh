@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2154  # sourced: the caller sets out and common
 # Shared by the experiment scripts (sourced): run one config into $out/NAME, print its summary.
 # The caller sets `out` and the array `common` (overrides for every run).
 py=${PYTHON:-.venv/bin/python}
