@@ -2,13 +2,34 @@
 
     python bench/pipeline.py                          # 2 ranks x 1 thread (this 2-core machine)
     python bench/pipeline.py --nproc 8 --threads 2    # 8 ranks on a 16-core machine
+    python bench/pipeline.py --preset resnet20        # ResNet-20 on CIFAR-shaped inputs
+    python bench/pipeline.py --preset transformer     # the Shakespeare Transformer LM
+    python bench/pipeline.py --preset table5 --depth 8    # the paper's Table 5 setting
+
+Presets (`--preset`), each a model from the project's config (`build_model` with `model.*`
+overrides, as the trainer builds it) on random inputs of the dataset's shape and dtype:
+
+- `mlp` (default): a deep MLP, `--blocks` Linear(`--width`)+ReLU blocks and a Linear output
+  block, batch 256, split by parameter count (the runtime's default).
+- `resnet20`: He et al.'s CIFAR ResNet (`--depth`, default 20: stem, 9 residual blocks, head)
+  on 3x32x32 images, 10 classes, batch 128.
+- `transformer`: the repository's Shakespeare language model (configs/shakespeare_*): vocab
+  128, d_model 128, 4 heads, `--depth` layers (default 4, macro feedback), context 128, batch
+  32; labels are the next tokens, (batch, context).
+- `table5`: the paper's Table 5 setting: d_model 128, 4 heads, `--depth` 2/4/8 layers, batch
+  256, sequence 64, vocab 256 (as bench/table5.py). The paper's numbers are from a GPU; on a
+  CPU 256 x 64 tokens per step is slow, `--batch` overrides the batch (say so when reporting).
+
+The non-MLP presets are split by measured forward time (`--balance time`: the per-block costs
+below, balanced by the runtime's exact partition and passed to every method as
+`pipeline.stage_blocks`, so every method runs the same split; by parameter count a ResNet would
+put most of its compute on the first stage).
 
 For each method and micro-batch count the driver launches `torchrun --nproc_per_node=P` on this
 file (one fresh process group per point, so peak memory is per configuration) and prints:
 time per mini-batch (max over ranks, median of the timed steps), samples/s, and peak memory
 per rank (RSS growth from just before the first step: activations, gradients, optimiser state,
-communication buffers). The model is a deep MLP: `--blocks` Linear(width)+ReLU blocks and a
-Linear output block, split into P stages by parameter count.
+communication buffers).
 
 Methods: `grape` (sync: signals broadcast once per mini-batch), `grape-stream`
 (pipeline.streaming: per micro-batch), `dfa` (the same runtime without tangents), and BP on
@@ -19,22 +40,29 @@ Each point also reports the parameters each rank holds (every rank materialises 
 blocks).
 
 The schedule model (bottom of the output) simulates each schedule as per-rank sequences of
-operations whose costs are measured here on one thread (per-block forward, backward, forward
-with tangents, local update, optimiser step) and a link cost (latency + bytes / bandwidth)
-measured between two ranks. It predicts the measured points, then extrapolates to P = 2..64.
+operations whose costs are measured here on one thread for every distinct block of the model
+(forward, BP backward, forward with tangents, the streaming local update, the synchronous
+end-of-step updates of GrAPE (with its B step) and DFA, and the optimiser step)
+and a link cost (latency + bytes / bandwidth) measured between two ranks. It predicts the
+measured points, then extrapolates: to P = 2 .. blocks on the preset's own model, and to
+P = 2 .. 64 on a deep model of the same blocks (64 hidden blocks of the MLP, a CIFAR ResNet of
+depth 128, a 64-layer Transformer).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,10 +71,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from grape_dist.config import load_config  # noqa: E402
-from grape_dist.models import BlockModel  # noqa: E402
+from grape_dist.models import BlockModel, build_model  # noqa: E402
 from grape_dist.models.mlp import dense_factories  # noqa: E402
 from grape_dist.optim import build_optimizer  # noqa: E402
-from grape_dist.rules import MicroBatch, build_stage_rule, output_signal  # noqa: E402
+from grape_dist.rules import MicroBatch, OutputSignal, build_stage_rule  # noqa: E402
+from grape_dist.runtime.partition import balanced_bounds, parameter_costs  # noqa: E402
 
 METHODS = {
     "grape": ["rule=grape"],
@@ -60,6 +89,63 @@ METHODS = {
     "bp-native": ["rule=bp"],
 }
 BP_METHODS = [m for m in METHODS if m.startswith("bp-") and m != "bp-native"]
+# torch's schedules with two stages per rank (the schedule model does not simulate them).
+TWO_STAGES_PER_RANK = ("bp-zb", "bp-zbv", "bp-dualpipev")
+# Deep variants for the extrapolation: 64 hidden blocks of the preset's kinds.
+DEEP_HIDDEN = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Presets: the model (from the project's config) and its random inputs.
+
+
+@dataclass(frozen=True)
+class Preset:
+    """Config overrides for the model, the input per sample, and defaults."""
+
+    batch: int
+    depth: int = 0  # resnet: depth; transformer: layers (0: not used)
+    seq: int = 0  # transformer: context (tokens per sequence)
+    vocab: int = 0  # transformer: vocabulary
+    balance: str = "params"
+
+    @property
+    def tokens(self) -> bool:
+        return self.vocab > 0
+
+
+PRESETS = {
+    "mlp": Preset(batch=256),
+    "resnet20": Preset(batch=128, depth=20, balance="time"),
+    "transformer": Preset(batch=32, depth=4, seq=128, vocab=128, balance="time"),
+    "table5": Preset(batch=256, depth=4, seq=64, vocab=256, balance="time"),
+}
+
+
+def model_overrides(args, depth: int | None = None) -> list[str]:
+    """The preset's `model.*` config overrides (depth: the preset's unless given), and the
+    dataset whose shapes the random inputs take (the config checks that they fit; no data is
+    read)."""
+    depth = depth or args.depth
+    if args.preset == "resnet20":
+        return ["model.name=resnet", f"model.depth={depth}", "data.name=cifar10"]
+    if args.preset in ("transformer", "table5"):
+        return ["model.name=transformer", "model.d_model=128", "model.heads=4",
+                f"model.layers={depth}", "model.feedback=macro", "data.name=shakespeare",
+                f"data.seq_len={PRESETS[args.preset].seq}"]
+    return []
+
+
+def input_shape(args) -> tuple[int, ...]:
+    if args.preset == "resnet20":
+        return (3, 32, 32)
+    if PRESETS[args.preset].tokens:
+        return (PRESETS[args.preset].seq,)
+    return (args.width,)
+
+
+def num_classes(args) -> int:
+    return PRESETS[args.preset].vocab or 10
 
 
 def deep_mlp(blocks: int, width: int) -> BlockModel:
@@ -67,18 +153,66 @@ def deep_mlp(blocks: int, width: int) -> BlockModel:
     return BlockModel(dense_factories(width, [width] * blocks, 10, "relu", False), (width,), 10)
 
 
-def _config(method: str, args, micro: int, rule: str | None = None):
+def build_meta_model(args, deep: bool = False) -> BlockModel:
+    """The preset's model on the meta device, from the project's config; `deep`: the variant
+    with DEEP_HIDDEN hidden blocks for the extrapolation."""
+    if args.preset == "mlp":
+        return deep_mlp(DEEP_HIDDEN if deep else args.blocks, args.width)
+    depth = None
+    if deep:
+        # A CIFAR ResNet of depth 6n + 2 has 3n residual blocks and the stem; a Transformer
+        # one block per layer and the embedding.
+        depth = 6 * ((DEEP_HIDDEN - 1) // 3) + 2 if args.preset == "resnet20" else DEEP_HIDDEN
+    cfg = load_config(None, model_overrides(args, depth))
+    return build_model(cfg.model, input_shape(args), num_classes(args))
+
+
+def random_batch(args, rows: int, device: torch.device, generator: torch.Generator | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and labels of the preset's shapes and dtypes (time does not depend on values):
+    token ids and next-token labels (rows, seq) for a language model."""
+    classes, shape = num_classes(args), input_shape(args)
+    if PRESETS[args.preset].tokens:
+        x = torch.randint(0, classes, (rows, *shape), generator=generator)
+        y = torch.randint(0, classes, (rows, *shape), generator=generator)
+    else:
+        x = torch.randn(rows, *shape, generator=generator)
+        y = torch.randint(0, classes, (rows,), generator=generator)
+    return x.to(device), y.to(device)
+
+
+def describe(args) -> str:
+    model = build_meta_model(args)
+    n = len(model.blocks)
+    if args.preset == "mlp":
+        return f"deep MLP {args.blocks} x Linear({args.width})+ReLU + head"
+    if args.preset == "resnet20":
+        return (f"ResNet-{args.depth} ({n} blocks: stem, {n - 2} residual, head), 3x32x32, "
+                "10 classes")
+    p = PRESETS[args.preset]
+    return (f"Transformer LM ({args.preset} preset) d_model 128, 4 heads, {args.depth} layers "
+            f"({n} blocks: embed, {n - 2} layers, head), sequence {p.seq}, vocab {p.vocab}")
+
+
+def _config(method: str, args, micro: int, rule: str | None = None,
+            stage_blocks: list[int] | None = None):
     return load_config(None, [
-        *METHODS[method], *([f"rule={rule}"] if rule else []),
+        *METHODS[method], *([f"rule={rule}"] if rule else []), *model_overrides(args),
         "optim.name=sgd", "optim.lr=0.01", "optim.momentum=0.9",
         f"data.batch_size={args.batch}", f"pipeline.micro_batches={micro}",
         f"grape.routing={args.routing}", f"grape.tangent_samples={args.tangent_samples}",
+        *([f"pipeline.stage_blocks={stage_blocks}"] if stage_blocks else []),
     ])
 
 
 def _rss_mb() -> float:
     with open("/proc/self/statm") as fh:
         return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def act_elements(args, model: BlockModel) -> int:
+    """Elements of the widest activation a stage boundary can carry, for the whole batch."""
+    return args.batch * max(b.out_features for b in list(model.blocks)[:-1])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -94,15 +228,14 @@ def worker(args) -> None:
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     world = int(os.environ["WORLD_SIZE"])
-    cfg = _config(args.method, args, args.micro)
-    model = deep_mlp(args.blocks, args.width)
+    split = json.loads(args.stage_blocks) if args.stage_blocks else None
+    cfg = _config(args.method, args, args.micro, stage_blocks=split)
+    model = build_meta_model(args)
     # Checked before joining the group, like the trainer (a refused point prints its reason).
     layout = plan_layout(cfg, len(model.blocks), world, backend_for(device))
     dist.init_process_group(backend_for(device))
     pipe = build_engine(cfg, model, layout, device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, args.width, generator=g).to(device)
-    y = torch.randint(0, 10, (args.batch,), generator=g).to(device)
+    x, y = random_batch(args, args.batch, device, torch.Generator().manual_seed(1))
     cuda = device.type == "cuda"
     dist.barrier()
     rss0 = _rss_mb()
@@ -128,8 +261,8 @@ def worker(args) -> None:
     peak = torch.tensor([peak_mb], device=device)
     peaks = [torch.zeros(1, device=device) for _ in range(world)]
     dist.all_gather(peaks, peak)
-    args.device_resolved = device
-    link = _link_cost(args, dist) if args.measure_link else None
+    link = _link_cost(args, dist, device, act_elements(args, model)) if args.measure_link \
+        else None
     params = pipe.memory_report()["parameters_per_rank"]
     if dist.get_rank() == 0:
         print("RESULT " + json.dumps({
@@ -140,16 +273,17 @@ def worker(args) -> None:
     dist.destroy_process_group()
 
 
-def _link_cost(args, dist) -> dict | None:
-    """Ping-pong between ranks 0 and 1: one-way time for small and activation-sized tensors."""
+def _link_cost(args, dist, device: torch.device, act: int) -> dict | None:
+    """Ping-pong between ranks 0 and 1: one-way time for small and activation-sized tensors
+    (`act`: the widest boundary activation of the whole batch, in elements)."""
     if dist.get_world_size() < 2:
         return None
     from grape_dist.distributed import p2p
     out = {}
-    for n in (1, args.batch * args.width // args.micro, 4 * args.batch * args.width):
-        buf = torch.zeros(n, device=args.device_resolved)
+    for n in (1, act // args.micro, 4 * act):
+        buf = torch.zeros(n, device=device)
         ts = []
-        for _ in range(12):
+        for _ in range(14):
             dist.barrier()
             t0 = time.perf_counter()
             if dist.get_rank() == 0:
@@ -159,12 +293,14 @@ def _link_cost(args, dist) -> dict | None:
                 p2p.recv(0, buf.device)
                 p2p.wait_all(p2p.isend([buf], 0, buf.device))
             ts.append((time.perf_counter() - t0) / 2)
-        out[n * 4] = statistics.median(ts[2:])
+        out[n * 4] = statistics.median(ts[4:])
     return out
 
 
 # ---------------------------------------------------------------------------------------------
 # Per-block costs on one thread, for the schedule model.
+
+COSTS = ("fwd", "bwd", "fwd_jvp", "update", "sync", "sync_dfa", "opt")
 
 
 def _sync() -> None:
@@ -185,62 +321,154 @@ def _median_s(fn, n: int = 10) -> float:
     return statistics.median(ts)
 
 
-def block_costs(args, mb: int) -> dict[str, float]:
-    """Seconds per micro-batch of `mb` rows for one hidden block (and one optimiser step)."""
+def block_signature(model: BlockModel, i: int) -> tuple:
+    """Blocks with the same signature cost the same: same layers, input shape and role (the
+    first block computes no input gradient; the last is the output block)."""
+    block = model.blocks[i]
+    shape = model.input_shape if i == 0 else model.blocks[i - 1].out_shape
+    return (i == 0, i == len(model.blocks) - 1, tuple(shape),
+            repr([m for m in block.children()]))
+
+
+def tangent_rows(args, mb: MicroBatch) -> int:
+    """Tangent rows a micro-batch carries (the runtime's rule: `tangent_samples` rows of the
+    mini-batch, evenly spaced)."""
+    m = min(args.tangent_samples or mb.total, mb.total)
+    return -(-(mb.start + mb.size) * m // mb.total) - -(-mb.start * m // mb.total)
+
+
+def block_costs(args, micro: list[int]) -> dict[int, dict[tuple, dict[str, float]]]:
+    """{M: {block signature: {cost: seconds}}} for every distinct block of the preset's model,
+    at rows = batch / M (`one_block_costs`)."""
     from grape_dist.distributed import resolve_device
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
-    model = deep_mlp(1, args.width).materialize(device=device)
-    block = model.blocks[0]
-    x = torch.randn(mb, args.width, device=device)
-    out: dict[str, float] = {}
+    model = build_meta_model(args)
+    first_of: dict[tuple, int] = {}
+    for i in range(len(model.blocks)):
+        first_of.setdefault(block_signature(model, i), i)
+    model.materialize(first_of.values(), device=device)
+    counter = iter(range(10**9))
+    return {M: {sig: one_block_costs(args, model, i, M, device, counter)
+                for sig, i in first_of.items()} for M in micro}
 
-    def fwd():
-        return block(x.detach().requires_grad_())
 
-    out["fwd"] = _median_s(fwd)
-    xg = x.detach().requires_grad_()
+def one_block_costs(args, model: BlockModel, i: int, M: int, device: torch.device,
+                    counter) -> dict[str, float]:
+    """Block i's costs at rows = batch / M: BP forward (with its graph) and backward (weight
+    gradients and, except for the first block, the input gradient); GrAPE's forward carrying
+    tangents; the streaming DFA local update of one micro-batch (`update`); the synchronous end
+    of a mini-batch of M micro-batches (`sync`: GrAPE's finish_step: B step, local updates
+    fused over the micro-batches, optimiser step; `sync_dfa`: DFA's, without the B step); the
+    optimiser step alone (`opt`)."""
+    n, spec, rows = len(model.blocks), model.signal_spec, args.batch // M
+    block = model.blocks[i]
+    params = list(block.parameters())
+    if i == 0:
+        x = random_batch(args, rows, device)[0]
+    else:
+        x = torch.randn(rows, *model.blocks[i - 1].out_shape, device=device)
+    c: dict[str, float] = {}
+    c["fwd"] = _median_s(lambda: block(x.detach().requires_grad_(i > 0)), args.cost_reps)
+    xg = x.detach().requires_grad_(i > 0)
     h = block(xg)
     grad = torch.randn_like(h)
-    # BP's backward: the input gradient (for the previous block) and the weight gradients.
-    out["bwd"] = _median_s(lambda: torch.autograd.grad(h, [xg, *block.parameters()], grad,
-                                                       retain_graph=True))
-    grape = build_stage_rule(_config("grape", args, 1),
-                             deep_mlp(2, args.width).materialize(device=device), 0, 1)
-    # Streaming: backward() runs the local update at once, so it can be timed on its own.
-    dfa = build_stage_rule(_config("grape-stream", args, 1, rule="dfa"),
-                           deep_mlp(2, args.width).materialize(device=device), 0, 1)
-    counter = iter(range(10**9))
-    m = min(mb, args.tangent_samples or mb)
+    wrt = [xg, *params] if i > 0 else params
+    c["bwd"] = _median_s(lambda: torch.autograd.grad(h, wrt, grad, retain_graph=True),
+                         args.cost_reps)
+    grape = build_stage_rule(_config("grape", args, M), model, i, i + 1)
+    dfa = build_stage_rule(_config("grape-stream", args, M, rule="dfa"), model, i, i + 1)
+    dfa_sync = build_stage_rule(_config("dfa", args, M), model, i, i + 1)
+
+    def mb_at(j: int, step: int) -> MicroBatch:
+        return MicroBatch(step, j, j * rows, rows, args.batch)
+
+    def tangents_in(mb: MicroBatch) -> torch.Tensor | None:
+        m = tangent_rows(args, mb)
+        if i == 0 or m == 0:
+            return None
+        streams = 1 if args.routing == "shared" else i
+        return torch.randn(streams, m, *model.blocks[i - 1].out_shape, device=device)
+
+    def signal(mb: MicroBatch, with_tangents: bool) -> OutputSignal:
+        width = spec.num_classes if i == n - 1 else spec.signal_width
+        pos = rows * spec.positions
+        t = None
+        if with_tangents and tangent_rows(args, mb):
+            streams = 1 if args.routing == "shared" else n - 1
+            t = torch.randn(streams, tangent_rows(args, mb), *spec.tangent_tail(),
+                            device=device)
+        return OutputSignal(1e-3 * torch.randn(pos, width, device=device),
+                            torch.zeros(pos, spec.num_classes, device=device), t, args.batch)
 
     def fwd_tangent():
         grape.reset_step()
-        mbd = MicroBatch(next(counter), 0, 0, mb, mb)
-        return grape.forward(mbd, x, torch.randn(1, m, args.width, device=device))
+        mb = mb_at(0, next(counter))
+        return grape.forward(mb, x, tangents_in(mb))
 
-    out["fwd_jvp"] = _median_s(fwd_tangent)
-    _, _, sig = output_signal(torch.randn(mb, 10, device=device),
-                              torch.randint(0, 10, (mb,), device=device), mb, None)
+    c["fwd_jvp"] = _median_s(fwd_tangent, args.cost_reps)
 
-    def update():
+    def update() -> float:
         dfa.reset_step()
-        mbd = MicroBatch(0, 0, 0, mb, mb)
-        dfa.forward(mbd, x, None)
+        mb = mb_at(0, 0)
+        dfa.forward(mb, x, None)
+        sig = signal(mb, False)
         _sync()
         t0 = time.perf_counter()
-        dfa.backward(mbd, sig, None)
+        dfa.backward(mb, sig, None)
         _sync()
         return time.perf_counter() - t0
 
     for _ in range(3):
         update()
-    out["update"] = statistics.median(update() for _ in range(10))
-    opt = build_optimizer(block.parameters(), _config("bp-native", args, 1).optim)
-    for p in block.parameters():
+    c["update"] = statistics.median(update() for _ in range(args.cost_reps))
+    dfa.reset_step()
+
+    def sync_update(rule, tangents: bool) -> float:
+        rule.reset_step()
+        step = next(counter)
+        mbs = [mb_at(j, step) for j in range(M)]
+        for mb in mbs:
+            rule.forward(mb, x, tangents_in(mb) if tangents else None)
+        for mb in mbs:
+            rule.backward(mb, signal(mb, tangents), None)
+        _sync()
+        t0 = time.perf_counter()
+        rule.finish_step()
+        _sync()
+        return time.perf_counter() - t0
+
+    for key, rule, tangents in (("sync", grape, True), ("sync_dfa", dfa_sync, False)):
+        for _ in range(2):
+            sync_update(rule, tangents)
+        c[key] = statistics.median(sync_update(rule, tangents)
+                                   for _ in range(max(3, args.cost_reps // 2)))
+        rule.reset_step()
+    opt = build_optimizer(params, _config("bp-native", args, 1).optim)
+    for p in params:
         p.grad = torch.zeros_like(p)
-    out["opt"] = _median_s(opt.step)
-    return out
+    c["opt"] = _median_s(opt.step, args.cost_reps) if params else 0.0
+    for p in params:
+        p.grad = None
+    return c
+
+
+def stage_costs(model: BlockModel, costs: dict[tuple, dict[str, float]],
+                bounds: list[tuple[int, int]]) -> list[dict[str, float]]:
+    """Each stage's costs: the sum over its blocks."""
+    sigs = [block_signature(model, i) for i in range(len(model.blocks))]
+    missing = {s for s in sigs if s not in costs}
+    if missing:
+        raise ValueError(f"no measured cost for {len(missing)} block kind(s) of this model")
+    return [{k: sum(costs[sigs[i]][k] for i in range(a, b)) for k in COSTS} for a, b in bounds]
+
+
+def fwd_bounds(model: BlockModel, costs: dict[tuple, dict[str, float]], stages: int
+               ) -> list[tuple[int, int]]:
+    """The runtime's exact contiguous partition, balanced by measured forward time."""
+    return balanced_bounds([costs[block_signature(model, i)]["fwd"]
+                            for i in range(len(model.blocks))], stages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,17 +476,43 @@ def block_costs(args, mb: int) -> dict[str, float]:
 # its inputs have arrived.
 
 
-def simulate(method: str, P: int, M: int, c: dict[str, float], blocks_per_stage: float,
-             link, fused_update: float | None = None) -> float:
-    """Predicted seconds per mini-batch of `method` on P stages with M micro-batches.
+@dataclass
+class Links:
+    """Per micro-batch transfer times: `act[s]` from stage s to s + 1 (BP's input gradient goes
+    back over the same link), `act_t[s]` the same with GrAPE's tangent rows; `signal` one
+    micro-batch's broadcast signal and `signal_all` the whole mini-batch's, each over
+    ceil(log2 P) hops."""
 
-    `c` holds per-block costs of a whole mini-batch run as M micro-batches; `fused_update` is
-    the per-block update cost of the whole mini-batch in one call (sync mode updates dense
-    blocks over all micro-batches at once)."""
-    k = blocks_per_stage
-    F, B, FJ, U, OPT = (k * c["fwd"], k * c["bwd"], k * c["fwd_jvp"], k * c["update"],
-                      k * c["opt"])
-    act, grad_link, bcast = link["act"], link["act"], link["small"] * max(1, (P - 1).bit_length())
+    act: list[float]
+    act_t: list[float]
+    signal: float
+    signal_all: float
+
+
+def links(model: BlockModel, args, bounds: list[tuple[int, int]], M: int, link: dict | None,
+          tangents: int) -> Links:
+    """Transfer times from the measured link (latency + bytes x seconds per byte)."""
+    P = len(bounds)
+    if not link:
+        return Links([0.0] * P, [0.0] * P, 0.0, 0.0)
+    sizes = sorted(int(k) for k in link)
+    lat, big = link[str(sizes[0])], link[str(sizes[-1])]
+    per_byte = max(0.0, (big - lat) / (sizes[-1] - sizes[0]))
+    rows = args.batch // M
+    feats = [model.blocks[b - 1].out_features for _, b in bounds]
+    spec = model.signal_spec
+    sig = 8 * (rows * spec.positions * spec.signal_width
+               + tangents * math.prod(spec.tangent_tail()))  # float64 packet
+    hops = max(1, math.ceil(math.log2(P))) if P > 1 else 0
+    return Links([lat + per_byte * 4 * rows * f for f in feats],
+                 [lat + per_byte * 4 * (rows + tangents) * f for f in feats],
+                 hops * (lat + per_byte * sig), hops * (lat + per_byte * sig * M))
+
+
+def simulate(method: str, st: list[dict[str, float]], M: int, ln: Links) -> float:
+    """Predicted seconds per mini-batch of `method` on the stages `st` (per-stage costs of one
+    micro-batch; `sync` of the whole mini-batch) with M micro-batches."""
+    P = len(st)
     free = [0.0] * P
     done: dict[tuple, float] = {}
 
@@ -295,151 +549,230 @@ def simulate(method: str, P: int, M: int, c: dict[str, float], blocks_per_stage:
                     dep = [] if s == 0 else [done.get(("F", s - 1, j))]
                     if None in dep:
                         continue
-                    run(s, ("F", s, j), F / M, [d + act for d in dep])
+                    run(s, ("F", s, j), st[s]["fwd"], [d + ln.act[s - 1] for d in dep])
                 else:
                     dep = [done.get(("F", s, j))] + ([] if s == P - 1 else
                                                      [done.get(("B", s + 1, j))])
                     if None in dep:
                         continue
-                    deps = [dep[0]] + [d + grad_link for d in dep[1:]]
-                    run(s, ("B", s, j), B / M, deps)
+                    deps = [dep[0]] + [d + ln.act[s] for d in dep[1:]]
+                    run(s, ("B", s, j), st[s]["bwd"], deps)
                 idx[s] += 1
                 progressed = True
             if not progressed:
                 raise RuntimeError("schedule deadlock in the model")
-        return max(free) + OPT
-    # Direct rules: forward(+tangents) chain, then (sync) one broadcast and all updates, or
-    # (streaming) each micro-batch's update once its signal arrived.
-    fwd = FJ if method.startswith("grape") else F
+        return max(free[s] + st[s]["opt"] for s in range(P))
+    # Direct rules: forward(+tangents) chain, then (sync) one broadcast and every stage's
+    # end-of-step update, or (streaming) each micro-batch's update once its signal arrived.
+    grape = method.startswith("grape")
+    fwd, act = ("fwd_jvp", ln.act_t) if grape else ("fwd", ln.act)
     for j in range(M):
         for s in range(P):
-            dep = [] if s == 0 else [done[("F", s - 1, j)] + act]
-            run(s, ("F", s, j), fwd / M, dep)
+            dep = [] if s == 0 else [done[("F", s - 1, j)] + act[s - 1]]
+            run(s, ("F", s, j), st[s][fwd], dep)
             if method == "grape-stream":
                 w = P - 1 - s
                 if j - w >= 0:
-                    run(s, ("U", s, j - w), U / M, [done.get(("F", P - 1, j - w), 0) + bcast])
-    for s in range(P):
-        if method == "grape-stream":
+                    run(s, ("U", s, j - w), st[s]["update"],
+                        [done.get(("F", P - 1, j - w), 0) + ln.signal])
+    if method == "grape-stream":
+        for s in range(P):
             for j in range(max(0, M - (P - 1 - s)), M):
-                run(s, ("U", s, j), U / M, [done[("F", P - 1, j)] + bcast])
-        else:
-            total = k * fused_update if fused_update is not None else U
-            run(s, ("U", s), total, [done[("F", P - 1, M - 1)] + bcast])
-    return max(free) + OPT
+                run(s, ("U", s, j), st[s]["update"], [done[("F", P - 1, j)] + ln.signal])
+        # The end of the step: GrAPE's B step (sync less DFA's sync) and the optimiser step.
+        return max(free[s] + st[s]["opt"] + max(0.0, st[s]["sync"] - st[s]["sync_dfa"])
+                   for s in range(P))
+    # `sync` includes the optimiser step.
+    for s in range(P):
+        run(s, ("U", s), st[s]["sync" if grape else "sync_dfa"],
+            [done[("F", P - 1, M - 1)] + ln.signal_all])
+    return max(free)
 
 
 # ---------------------------------------------------------------------------------------------
+
+
+def _point_split(args, method: str, model: BlockModel, costs1) -> list[int] | None:
+    """`pipeline.stage_blocks` for a point: None (the runtime's parameter split) or the split
+    balanced by measured forward time, over P or 2P stages."""
+    if args.balance != "time":
+        return None
+    stages = 2 * args.nproc if method in TWO_STAGES_PER_RANK else args.nproc
+    if stages > len(model.blocks):
+        return None  # plan_layout refuses it and says why
+    return [b - a for a, b in fwd_bounds(model, costs1, stages)]
+
+
+def _failure(r: subprocess.CompletedProcess) -> str:
+    """The exception a failed point ended with (the last "...Error: ..." line that is not a
+    consequence: a peer's closed connection, torchrun's summary), or the tail of its output."""
+    lines = [re.sub(r"^\[rank\d+\]:\s*", "", x) for x in
+             (r.stdout + r.stderr).splitlines()]
+    errors = [x for x in lines if re.match(r"[\w.]*(Error|Exception): ", x)]
+    causes = [x for x in errors if not any(k in x for k in ("ChildFailedError",
+                                                             "Connection closed by peer"))]
+    return (causes or errors or [" | ".join(lines[-3:])])[-1]
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def driver(args) -> None:
     torchrun = str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     backend = "nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo"
-    print(f"# {platform.machine()}, torch {torch.__version__}, {backend}, P={args.nproc} ranks x "
-          f"{args.threads} thread(s), deep MLP {args.blocks} x Linear({args.width})+ReLU + head, "
-          f"batch {args.batch}, tangents: routing={args.routing} m={args.tangent_samples or 'all'}"
+    model = build_meta_model(args)
+    micro = sorted({int(m) for m in args.micro.split(",")})
+    print(f"# {platform.machine()} ({_cpu_name()}, {os.cpu_count()} cores, load average "
+          f"{os.getloadavg()[0]:.1f} at start), torch {torch.__version__}, {backend}, "
+          f"P={args.nproc} ranks x {args.threads} thread(s), {describe(args)}, batch "
+          f"{args.batch}, tangents: routing={args.routing} m={args.tangent_samples or 'all'}"
           f", SGD(0.9); median of {args.steps} steps after {args.warmup} warm-up")
-    print(f"# command: python bench/pipeline.py {' '.join(sys.argv[1:])}")
+    print(f"# command: python bench/pipeline.py {' '.join(sys.argv[1:])}", flush=True)
+    # Per-block costs first: the time-balanced split comes from them.
+    t0 = time.perf_counter()
+    costs = block_costs(args, sorted({1, *micro}))
+    print(f"# per-block costs measured in {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.balance == "time":
+        print(f"# split by measured forward time (blocks per stage): P stages "
+              f"{_point_split(args, 'grape', model, costs[1])}, 2P stages (zb, zbv, dualpipev) "
+              f"{_point_split(args, 'bp-zb', model, costs[1])}", flush=True)
     results = []
     link = None
     for method in args.methods.split(","):
-        for micro in [int(m) for m in args.micro.split(",")]:
+        for m in micro:
             cmd = [torchrun, "--standalone", f"--nproc_per_node={args.nproc}", __file__,
-                   "--worker", "--method", method, "--micro", str(micro)]
-            cmd += [f"--{k}={v}" for k, v in (("batch", args.batch), ("blocks", args.blocks),
+                   "--worker", "--method", method, "--micro", str(m)]
+            cmd += [f"--{k}={v}" for k, v in (("preset", args.preset), ("batch", args.batch),
+                                              ("depth", args.depth), ("blocks", args.blocks),
                                               ("width", args.width), ("threads", args.threads),
                                               ("steps", args.steps), ("warmup", args.warmup),
                                               ("routing", args.routing),
                                               ("device", args.device),
                                               ("tangent_samples", args.tangent_samples))]
+            split = _point_split(args, method, model, costs[1])
+            if split:
+                cmd.append(f"--stage_blocks={json.dumps(split)}")
             if link is None and args.nproc > 1:
                 cmd.append("--measure_link")
             r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
             line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                errors = [x for x in r.stderr.splitlines() if "Error" in x or "error" in x]
-                print(f"{method:>13s} M={micro}: not run: {errors[-1] if errors else r.stderr}")
+                print(f"{method:>13s} M={m}: not run: {_failure(r)}", flush=True)
                 continue
             res = json.loads(line[7:])
             link = link or res.get("link")
             results.append(res)
             param_mb = [round(4 * n / 2**20, 1) for n in res["params"]]
-            print(f"{method:>13s} M={micro}: {res['ms']:8.1f} ms/mini-batch "
+            print(f"{method:>13s} M={m}: {res['ms']:8.1f} ms/mini-batch "
                   f"{1e3 * args.batch / res['ms']:8.0f} samples/s  peak MB per rank "
                   f"{res['peak_mb']}  parameter MB per rank {param_mb}", flush=True)
     by = {(r["method"], r["M"]): r for r in results}
     print("\n## ratios (same blocks, same micro-batches): BP time / GrAPE time")
-    for micro in [int(m) for m in args.micro.split(",")]:
+    for m in micro:
         for grape in ("grape", "grape-stream"):
             for bp in BP_METHODS:
-                if (grape, micro) in by and (bp, micro) in by:
-                    g, b = by[(grape, micro)], by[(bp, micro)]
-                    print(f"M={micro}: {grape} throughput / {bp} = {b['ms'] / g['ms']:.2f}x; "
+                if (grape, m) in by and (bp, m) in by:
+                    g, b = by[(grape, m)], by[(bp, m)]
+                    print(f"M={m}: {grape} throughput / {bp} = {b['ms'] / g['ms']:.2f}x; "
                           f"peak memory {max(g['peak_mb']):.0f} vs {max(b['peak_mb']):.0f} MB")
-    # Schedule model.
-    costs = block_costs(args, args.batch)
-    costs_mb = {m: block_costs(args, args.batch // m) for m in
-                sorted({int(x) for x in args.micro.split(",")})}
-    print("\n## schedule model: per-block costs on one thread (ms per micro-batch)")
-    for m, c in costs_mb.items():
-        print(f"M={m} (rows {args.batch // m}): " + ", ".join(f"{k} {1e3 * v:.2f}"
-                                                           for k, v in c.items()))
+    schedule_model(args, model, costs, micro, results, link)
+
+
+def schedule_model(args, model: BlockModel, costs, micro: list[int], results: list[dict],
+                   link: dict | None) -> None:
+    print("\n## schedule model: per-block costs on one thread (ms per micro-batch; sync: the "
+          "whole mini-batch's end-of-step update incl. optimiser)")
+    names = {}
+    for i, b in enumerate(model.blocks):
+        names.setdefault(block_signature(model, i), []).append(b.name)
+    for m in micro:
+        print(f"M={m} (rows {args.batch // m}):")
+        for sig, c in costs[m].items():
+            label = ",".join(names[sig]) if len(names[sig]) <= 3 else \
+                f"{names[sig][0]}..{names[sig][-1]} ({len(names[sig])} blocks)"
+            print(f"  {label:>28s}: " + ", ".join(f"{k} {1e3 * v:.2f}" for k, v in c.items()))
     if link:
         sizes = sorted(int(k) for k in link)
         print("link one-way (ms): " + ", ".join(f"{s} B: {1e3 * link[str(s)]:.3f}"
                                                for s in sizes))
-    bps = (args.blocks + 1) / args.nproc
 
-    def link_for(M):
-        if not link:
-            return {"act": 0.0, "small": 0.0}
-        sizes = sorted(int(k) for k in link)
-        small, mid, big = (link[str(s)] for s in sizes)
-        per_byte = (big - small) / (sizes[2] - sizes[0])
-        return {"act": small + per_byte * 4 * args.batch * args.width / M, "small": small}
+    def bounds_for(mdl: BlockModel, P: int, c1) -> list[tuple[int, int]]:
+        if args.balance == "time":
+            return fwd_bounds(mdl, c1, P)
+        return balanced_bounds(parameter_costs(mdl), P)
+
+    def predict(mdl: BlockModel, method: str, P: int, M: int) -> float:
+        bounds = bounds_for(mdl, P, costs[1])
+        rows = MicroBatch(0, 0, 0, args.batch // M, args.batch)
+        ln = links(mdl, args, bounds, M, link, tangent_rows(args, rows))
+        return simulate(method, stage_costs(mdl, costs[M], bounds), M, ln)
 
     print(f"\n## schedule model vs measured (P = {args.nproc})")
     for res in results:
-        if res["method"] in ("bp-zb", "bp-zbv", "bp-dualpipev"):
+        if res["method"] in TWO_STAGES_PER_RANK:
             continue  # the model simulates GPipe and 1F1B orders only
-        m = res["M"]
-        # Costs per micro-batch were measured at rows = batch / M; the model takes mini-batch
-        # totals, so scale by M.
-        c = {k: v * m for k, v in costs_mb[m].items()}
-        pred = simulate(res["method"], args.nproc, m, c, bps, link_for(m), costs["update"])
-        print(f"{res['method']:>13s} M={m}: predicted {1e3 * pred:8.1f} ms, measured "
+        pred = predict(model, res["method"], args.nproc, res["M"])
+        print(f"{res['method']:>13s} M={res['M']}: predicted {1e3 * pred:8.1f} ms, measured "
               f"{res['ms']:8.1f} ms ({100 * (1e3 * pred / res['ms'] - 1):+.0f}%)")
-    print("\n## schedule model extrapolated: 64 blocks of this width, M = 8, ms per mini-batch")
-    c = {k: v * 8 for k, v in costs_mb.get(8, costs).items()}
-    print(f"{'P':>4s} " + " ".join(f"{m:>13s}" for m in ("grape", "grape-stream", "bp-1f1b",
-                                                         "bp-gpipe")) + "  grape/1f1b speed-up")
-    for P in (2, 4, 8, 16, 32, 64):
-        row = [simulate(m, P, 8, c, 64 / P, link_for(8), costs["update"]) for m in
-               ("grape", "grape-stream", "bp-1f1b", "bp-gpipe")]
-        print(f"{P:>4d} " + " ".join(f"{1e3 * v:13.1f}" for v in row)
-              + f"  {row[2] / row[0]:.2f}x")
+    M = max(micro)
+    methods = ("grape", "grape-stream", "dfa", "bp-1f1b", "bp-gpipe")
+    deep = build_meta_model(args, deep=True)
+    for mdl, title in ((model, f"this model ({len(model.blocks)} blocks)"),
+                       (deep, f"a deep variant, {len(deep.blocks)} blocks "
+                              f"({DEEP_HIDDEN} hidden blocks of this kind)")):
+        print(f"\n## schedule model extrapolated: {title}, M = {M}, ms per mini-batch")
+        print(f"{'P':>4s} " + " ".join(f"{m:>13s}" for m in methods)
+              + "  grape/1f1b speed-up")
+        for P in (2, 4, 8, 16, 32, 64):
+            if P > len(mdl.blocks):
+                break
+            row = [predict(mdl, m, P, M) for m in methods]
+            print(f"{P:>4d} " + " ".join(f"{1e3 * v:13.1f}" for v in row)
+                  + f"  {row[3] / row[0]:.2f}x", flush=True)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="mlp", choices=list(PRESETS))
     p.add_argument("--nproc", type=int, default=2)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="auto", help="auto (GPU + nccl if present), cpu, cuda")
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--blocks", type=int, default=8)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--batch", type=int, default=0, help="0: the preset's")
+    p.add_argument("--depth", type=int, default=0,
+                   help="resnet20: ResNet depth (6n + 2); transformer, table5: layers "
+                        "(0: the preset's)")
+    p.add_argument("--blocks", type=int, default=8, help="mlp: hidden blocks")
+    p.add_argument("--width", type=int, default=1024, help="mlp: width")
+    p.add_argument("--balance", default="", choices=["", "params", "time"],
+                   help="stage split: by parameter count (the runtime's default) or by measured "
+                        "forward time ('': the preset's)")
     p.add_argument("--micro", default="1,4,8")
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--routing", default="shared")
     p.add_argument("--tangent_samples", type=int, default=8)
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--cost_reps", type=int, default=10,
+                   help="timed repeats per per-block cost of the schedule model")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--method", default="grape")
+    p.add_argument("--stage_blocks", default="")
     p.add_argument("--measure_link", action="store_true")
     args = p.parse_args()
+    preset = PRESETS[args.preset]
+    args.batch = args.batch or preset.batch
+    args.depth = args.depth or preset.depth
+    args.balance = args.balance or preset.balance
     if args.worker:
         args.micro = int(args.micro)
         worker(args)

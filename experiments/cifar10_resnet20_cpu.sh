@@ -14,3 +14,13 @@ run_config bp cifar10_resnet20_bp
 run_config dfa_cal1 cifar10_resnet20_dfa calibration.every_epochs=1
 run_config grape_cal1 cifar10_resnet20_grape calibration.every_epochs=1
 run_config grape cifar10_resnet20_grape
+# Channel-shared conv feedback (one B column per channel, docs/resnet.md): the same runs.
+run_config dfa_cal1_channel cifar10_resnet20_dfa calibration.every_epochs=1 feedback.conv=channel
+run_config grape_cal1_channel cifar10_resnet20_grape calibration.every_epochs=1 \
+    feedback.conv=channel
+run_config grape_channel cifar10_resnet20_grape feedback.conv=channel
+# Calibration triggered by alignment (mean grad_cos over blocks below 0.4, at most 3 of the 5
+# epochs), channel-shared feedback.
+run_config grape_trigger_channel cifar10_resnet20_grape feedback.conv=channel \
+    calibration.every_epochs=1 calibration.trigger=alignment calibration.threshold=0.4 \
+    calibration.budget=3

@@ -1,20 +1,21 @@
 """Tests of grape_dist.data on real parquet files read through `datasets` (no mocks).
 
 MNIST and CIFAR-10 come from the offline copies in ../shared/data beside the repository root
-(tests skip when that folder is absent); CIFAR-100 is a small file in the hub's schema that the
-tests write themselves.
+(tests skip when that folder is absent); CIFAR-100 and Tiny ImageNet are small files in the hub's
+schema that the tests write themselves.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import write_cifar100
+from helpers import encode_image, write_cifar100
 from PIL import Image
 
 from grape_dist.data import (
@@ -89,9 +90,13 @@ def _check_image_dataset(ds: ImageDataset, name: str, n_train: int, n_test: int)
 
 
 def test_registry() -> None:
-    assert dataset_names() == ["cifar10", "cifar100", "mnist"]
+    assert dataset_names() == ["cifar10", "cifar100", "mnist", "tinyimagenet"]
     assert DATASETS["mnist"].hub_id == "ylecun/mnist"
     assert DATASETS["cifar100"].label_column == "fine_label"
+    assert DATASETS["tinyimagenet"].hub_id == "zh-plus/tiny-imagenet"
+    # The hub copy has no labelled test split: its `valid` split is the evaluated one.
+    assert DATASETS["tinyimagenet"].eval_split == "valid"
+    assert {src.eval_split for n, src in DATASETS.items() if n != "tinyimagenet"} == {"test"}
     for src in DATASETS.values():
         assert len(src.mean) == len(src.std) == src.input_shape[0]
     with pytest.raises(KeyError, match="known datasets"):
@@ -236,6 +241,125 @@ def test_shape_mismatch_is_reported(tmp_path: Path) -> None:
     write_cifar100(tmp_path / "data", gray=True)
     with pytest.raises(ValueError, match=r"registry says \(3, 32, 32\)"):
         load_image_dataset("cifar100", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "c"))
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny ImageNet in the hub's schema, written by the test through `datasets`
+
+TINY_WNIDS = [f"n{i:08d}" for i in range(200)]  # stand-ins for the hub's 200 WordNet ids
+
+
+def write_tiny_imagenet(
+    root: Path, n_train: int = 12, n_valid: int = 6
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Write tiny-imagenet/data/{train,valid}-00000-of-00001.parquet as the hub repo
+    zh-plus/tiny-imagenet has them: columns image (Image) and label (ClassLabel, 200 names),
+    written by `datasets` itself so the files carry its feature metadata.
+
+    Images are 64x64 PNG (lossless); in each split the first image and the middle one are
+    grayscale (mode L), as some of the real ones are. Returns per split the RGB pixels (HWC)
+    the loader should produce (gray: the value in all three channels) and the labels.
+    """
+    import datasets
+
+    folder = root / "tiny-imagenet" / "data"
+    folder.mkdir(parents=True)
+    features = datasets.Features(
+        {"image": datasets.Image(), "label": datasets.ClassLabel(names=TINY_WNIDS)}
+    )
+    gen = torch.Generator().manual_seed(1)
+    written = {}
+    for split, n in (("train", n_train), ("valid", n_valid)):
+        pixels = torch.randint(0, 256, (n, 64, 64, 3), dtype=torch.uint8, generator=gen)
+        gray = {0, n // 2}  # the first image: the layout check sees a gray image
+        images = []
+        for i in range(n):
+            if i in gray:
+                pixels[i] = pixels[i, :, :, :1].clone()  # the RGB the loader makes of it
+                images.append({"bytes": encode_image(pixels[i, :, :, 0], "PNG"), "path": None})
+            else:
+                images.append({"bytes": encode_image(pixels[i], "PNG"), "path": None})
+        labels = torch.randint(0, 200, (n,), generator=gen)
+        ds = datasets.Dataset.from_dict(
+            {"image": images, "label": labels.tolist()}, features=features
+        )
+        ds.to_parquet(str(folder / f"{split}-00000-of-00001.parquet"))
+        written[split] = (pixels, labels)
+    return written
+
+
+def test_tinyimagenet_written_parquet(tmp_path: Path) -> None:
+    written = write_tiny_imagenet(tmp_path / "data")
+    folder = tmp_path / "data" / "tiny-imagenet" / "data"
+    # The files are in the hub's schema: datasets' feature metadata, a gray first image.
+    meta = json.loads(pq.read_schema(folder / "valid-00000-of-00001.parquet")
+                      .metadata[b"huggingface"])
+    assert meta["info"]["features"]["label"]["_type"] == "ClassLabel"
+    assert len(meta["info"]["features"]["label"]["names"]) == 200
+    blob = pq.read_table(folder / "train-00000-of-00001.parquet").column("image")[0]["bytes"]
+    assert Image.open(io.BytesIO(blob.as_py())).mode == "L"
+
+    ds = load_image_dataset("tinyimagenet", root=str(tmp_path / "data"),
+                            cache_dir=str(tmp_path / "c"))
+    _check_image_dataset(ds, "tinyimagenet", 12, 6)
+    assert ds.eval_split == "valid" and str(folder) in ds.source
+    for split, (pixels, labels) in ((ds.train, written["train"]), (ds.test, written["valid"])):
+        # Gray images became RGB with equal channels; colour ones kept their pixels.
+        assert torch.equal(split.images, pixels.permute(0, 3, 1, 2))
+        assert torch.equal(split.labels, labels)
+    assert torch.equal(ds.train.images[0, 0], ds.train.images[0, 2])
+    assert not torch.equal(ds.train.images[1, 0], ds.train.images[1, 2])
+    # Read back from the decoded cache: the same tensors.
+    again = load_image_dataset("tinyimagenet", root=str(tmp_path / "data"),
+                               cache_dir=str(tmp_path / "c"))
+    assert "decoded cache" in again.source
+    assert torch.equal(again.test.images, ds.test.images)
+
+
+def test_tinyimagenet_without_valid_split_is_reported(tmp_path: Path) -> None:
+    write_tiny_imagenet(tmp_path / "data")
+    (tmp_path / "data" / "tiny-imagenet" / "data" / "valid-00000-of-00001.parquet").unlink()
+    with pytest.raises(DatasetUnavailableError, match=r"no valid-\*\.parquet files"):
+        load_image_dataset("tinyimagenet", root=str(tmp_path / "data"),
+                           cache_dir=str(tmp_path / "c"))
+
+
+def test_tinyimagenet_offline_names_hub_id_and_layout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DatasetUnavailableError) as err:
+        load_image_dataset("tinyimagenet", root=str(tmp_path), cache_dir=str(tmp_path / "c"))
+    message = str(err.value)
+    assert "zh-plus/tiny-imagenet" in message
+    assert str(tmp_path / "tiny-imagenet" / "data") in message
+    assert "tiny-imagenet/data/train-*.parquet" in message
+    assert "tiny-imagenet/data/valid-*.parquet" in message
+
+
+def test_tinyimagenet_resnet_trains_end_to_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from grape_dist.config import load_config
+    from grape_dist.trainer import Trainer, build_model_for
+
+    write_tiny_imagenet(tmp_path / "data", n_train=32, n_valid=16)
+    monkeypatch.setenv("GRAPE_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, [
+        "rule=grape", "model.name=resnet", "model.depth=8", "data.name=tinyimagenet",
+        f"data.root={tmp_path / 'data'}", "data.batch_size=16", "data.eval_batch_size=16",
+        "train.epochs=1", "train.progress=false", "train.probe_batch_size=8",
+        "feedback.conv=channel", "calibration.every_epochs=1", "calibration.batch_size=8",
+    ])
+    assert build_model_for(cfg).blocks[-1].out_shape == (200,)
+    out = tmp_path / "run"
+    summary = Trainer(cfg, out).fit()
+    assert summary["dataset"] == "tinyimagenet"
+    assert 0.0 <= summary["final_test_accuracy"] <= 1.0
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    test = [r for r in rows if r["split"] == "test"]
+    assert len(test) == 1 and test[0]["loss"] == pytest.approx(summary["final_test_loss"])
+    assert json.loads((out / "summary.json").read_text())["dataset"] == "tinyimagenet"
 
 
 # --------------------------------------------------------------------------------------------

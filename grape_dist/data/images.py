@@ -3,7 +3,8 @@
 Where the data comes from, in order:
 
 1. ``root`` (the argument, i.e. ``data.root``), else ``$GRAPE_DATA_DIR``: a folder laid out like
-   the hub's parquet export, ``<root>/<subdir>/{train,test}-*.parquet``;
+   the hub's parquet export, ``<root>/<subdir>/{train,<eval split>}-*.parquet`` (the evaluated
+   split is ``test``, or the source's ``eval_split``: Tiny ImageNet's is ``valid``);
 2. the copy embedded in this package (MNIST only);
 3. the Hugging Face hub, by dataset id, only if it looks reachable.
 
@@ -14,48 +15,57 @@ takes seconds, so the decoded tensors are cached as a ``.pt`` file keyed by the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
 import logging
-import os
-import socket
-import tempfile
-import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
 import torch
 
+from grape_dist.data.access import (
+    CACHE_DIR_ENV,
+    DATA_DIR_ENV,
+    DEFAULT_CACHE_DIR,
+    DatasetUnavailableError,
+    cache_lock,
+    file_stats,
+    find_split_files,
+    hub_unreachable_reason,
+    import_datasets,
+    offline,
+    resolve_cache_dir,
+    resolve_root,
+    save_cache,
+)
 from grape_dist.data.sources import DatasetSource, get_source
 
 logger = logging.getLogger(__name__)
 
-DATA_DIR_ENV = "GRAPE_DATA_DIR"
-CACHE_DIR_ENV = "GRAPE_CACHE_DIR"
-DEFAULT_CACHE_DIR = "~/.cache/grape_dist"
+__all__ = [
+    "CACHE_DIR_ENV",
+    "DATA_DIR_ENV",
+    "DEFAULT_CACHE_DIR",
+    "DatasetUnavailableError",
+    "EMBEDDED_ROOT",
+    "ImageDataset",
+    "Split",
+    "load_image_dataset",
+    "normalize",
+]
+
 EMBEDDED_ROOT = Path(__file__).resolve().parent / "embedded"
 EMBEDDED_DATASETS = frozenset({"mnist"})
 
 # Bump whenever decoding or the cached layout changes, so old cache files stop matching.
 _CACHE_FORMAT = 1
-_HUB_PROBE_TIMEOUT_S = 2.0
-_TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
-
-_warned_cache_dirs: set[str] = set()
-
-
-class DatasetUnavailableError(RuntimeError):
-    """No local copy of the dataset was found and the hub cannot be used."""
 
 
 @dataclass(frozen=True)
@@ -71,7 +81,10 @@ class Split:
 
 @dataclass(frozen=True)
 class ImageDataset:
-    """A dataset's train and test splits plus what models and normalisation need to know."""
+    """A dataset's train and evaluated splits plus what models and normalisation need to know.
+
+    ``test`` is the split the run evaluates on: the source's ``eval_split`` (``test``, or
+    ``valid`` for Tiny ImageNet, whose hub copy has no labelled test split)."""
 
     name: str
     num_classes: int
@@ -81,6 +94,7 @@ class ImageDataset:
     train: Split
     test: Split
     source: str  # human-readable: where it was loaded from
+    eval_split: str = "test"  # the hub split held in `test`
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
@@ -112,8 +126,8 @@ def load_image_dataset(
     and the hub cannot be reached.
     """
     src = get_source(name)
-    cache_root = _resolve_cache_dir(cache_dir)
-    data_root, root_origin = _resolve_root(root)
+    cache_root = resolve_cache_dir(cache_dir)
+    data_root, root_origin = resolve_root(root)
 
     looked: list[str] = []
     folders: list[tuple[Path, str]] = []
@@ -123,45 +137,11 @@ def load_image_dataset(
         folders.append((EMBEDDED_ROOT / src.subdir, "embedded copy"))
 
     for folder, origin in folders:
-        files = _find_split_files(folder)
+        files = find_split_files(folder, "train", src.eval_split)
         looked.append(f"{folder} ({origin})")
         if files is not None:
             return _load_local(src, folder, origin, files, cache_root)
     return _load_hub(src, looked, cache_root)
-
-
-# --------------------------------------------------------------------------------------------
-# Where the data and the cache live
-
-
-def _resolve_root(root: str | os.PathLike[str] | None) -> tuple[Path | None, str]:
-    if root is not None and str(root) != "":
-        return Path(root).expanduser(), "root argument"
-    env = os.environ.get(DATA_DIR_ENV, "")
-    if env:
-        return Path(env).expanduser(), DATA_DIR_ENV
-    return None, ""
-
-
-def _resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:
-    if cache_dir is not None and str(cache_dir) != "":
-        return Path(cache_dir).expanduser()
-    return Path(os.environ.get(CACHE_DIR_ENV) or DEFAULT_CACHE_DIR).expanduser()
-
-
-def _find_split_files(folder: Path) -> dict[str, list[Path]] | None:
-    """The parquet shards of each split, or None when the folder holds no training shards."""
-    if not folder.is_dir():
-        return None
-    files = {split: sorted(folder.glob(f"{split}-*.parquet")) for split in ("train", "test")}
-    if not files["train"]:
-        return None
-    if not files["test"]:
-        # A half-present copy is more likely a mistake than a reason to go to the hub.
-        raise DatasetUnavailableError(
-            f"{folder} has train-*.parquet files but no test-*.parquet files"
-        )
-    return files
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,18 +156,13 @@ def _load_local(
     cache_root: Path,
 ) -> ImageDataset:
     described = f"parquet files in {folder} ({origin})"
-    stats = [
-        [split, str(p.resolve()), st.st_size, st.st_mtime_ns]
-        for split, paths in files.items()
-        for p in paths
-        for st in [p.stat()]
-    ]
-    cache_path = _cache_path(cache_root, src, {"files": stats})
+    cache_path = _cache_path(cache_root, src, {"files": file_stats(files)})
 
     def fetch() -> Any:
-        datasets = _import_datasets()
+        datasets = import_datasets()
+        # Keyed by the source's own split names, so dsd[src.eval_split] works as for the hub.
         data_files = {split: [str(p) for p in paths] for split, paths in files.items()}
-        with _offline(datasets):
+        with offline(datasets):
             return datasets.load_dataset("parquet", data_files=data_files)
 
     return _load_cached_or_decode(src, cache_path, described, fetch)
@@ -198,8 +173,8 @@ def _load_hub(src: DatasetSource, looked: list[str], cache_root: Path) -> ImageD
     cache_path = _cache_path(cache_root, src, {"hub_id": src.hub_id})
 
     def fetch() -> Any:
-        datasets = _import_datasets()
-        reason = _hub_unreachable_reason(datasets)
+        datasets = import_datasets()
+        reason = hub_unreachable_reason(datasets)
         if reason is not None:
             raise DatasetUnavailableError(_unavailable_message(src, looked, reason))
         try:
@@ -216,7 +191,7 @@ def _load_cached_or_decode(
     src: DatasetSource, cache_path: Path, described: str, fetch: Callable[[], Any]
 ) -> ImageDataset:
     # The lock makes concurrent ranks on one machine decode once and read the cache after.
-    with _cache_lock(cache_path):
+    with cache_lock(cache_path):
         cached = _read_cache(cache_path, src)
         if cached is not None:
             train, test = cached
@@ -225,7 +200,7 @@ def _load_cached_or_decode(
         dsd = fetch()
         start = time.perf_counter()
         train = _decode_split(dsd["train"], src, "train")
-        test = _decode_split(dsd["test"], src, "test")
+        test = _decode_split(dsd[src.eval_split], src, src.eval_split)
         logger.info(
             "decoded %s (%d + %d images) in %.1f s",
             src.name,
@@ -233,7 +208,7 @@ def _load_cached_or_decode(
             len(test),
             time.perf_counter() - start,
         )
-        _write_cache(cache_path, train, test)
+        _write_cache(cache_path, train, test)  # a failure only warns
         return _make_dataset(src, train, test, described)
 
 
@@ -247,90 +222,8 @@ def _make_dataset(src: DatasetSource, train: Split, test: Split, source: str) ->
         train=train,
         test=test,
         source=source,
+        eval_split=src.eval_split,
     )
-
-
-def _import_datasets() -> Any:
-    # Imported lazily: it costs ~0.5 s, and it must be imported *before* any offline variables
-    # are set, since datasets and huggingface_hub freeze them at import time.
-    import datasets
-
-    return datasets
-
-
-@contextlib.contextmanager
-def _offline(datasets: Any) -> Iterator[None]:
-    """Keep datasets off the network while it reads local files (it pings the hub otherwise).
-
-    The environment variables only matter to code that reads them later, so datasets' own
-    already-frozen flag is switched too; all of it is restored afterwards so a later hub load
-    in the same process still works.
-    """
-    saved_env = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
-    saved_flag = getattr(datasets.config, "HF_HUB_OFFLINE", None)
-    for k in saved_env:
-        os.environ.setdefault(k, "1")
-    if saved_flag is not None:
-        datasets.config.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        if saved_flag is not None:
-            datasets.config.HF_HUB_OFFLINE = saved_flag
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-def _hub_unreachable_reason(datasets: Any) -> str | None:
-    """Why the hub cannot be used right now, or None if it looks reachable.
-
-    Checked up front because datasets otherwise retries for ~20 s before giving up.
-    """
-    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
-        value = os.environ.get(var, "")
-        if value.strip().lower() in _TRUE_VALUES:
-            return f"offline mode is on ({var}={value})"
-    if getattr(datasets.config, "HF_HUB_OFFLINE", False):
-        return "offline mode is on (HF_HUB_OFFLINE was set when datasets was imported)"
-
-    from huggingface_hub import constants
-
-    url = urlsplit(constants.ENDPOINT)
-    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
-    # Behind a proxy only the proxy has to be reachable.
-    proxy = os.environ.get("HTTPS_PROXY") or os.environ.get("https_proxy")
-    if proxy:
-        purl = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = purl.hostname, purl.port or 80
-    if not host:
-        return f"cannot parse the hub endpoint {constants.ENDPOINT!r}"
-    error = _tcp_probe(host, port, _HUB_PROBE_TIMEOUT_S)
-    if error is not None:
-        return f"cannot connect to {host}:{port} ({error})"
-    return None
-
-
-def _tcp_probe(host: str, port: int, timeout: float) -> str | None:
-    """Try one TCP connection; returns an error text, or None on success.
-
-    Run in a daemon thread because name resolution ignores socket timeouts and can hang.
-    """
-    result: list[str | None] = []
-
-    def attempt() -> None:
-        try:
-            socket.create_connection((host, port), timeout=timeout).close()
-            result.append(None)
-        except OSError as exc:
-            result.append(str(exc) or type(exc).__name__)
-
-    thread = threading.Thread(target=attempt, daemon=True, name="grape-hub-probe")
-    thread.start()
-    thread.join(timeout + 0.5)
-    return result[0] if result else f"no answer within {timeout:.0f} s"
 
 
 def _unavailable_message(src: DatasetSource, looked: list[str], reason: str) -> str:
@@ -339,7 +232,7 @@ def _unavailable_message(src: DatasetSource, looked: list[str], reason: str) -> 
         f"dataset {src.name!r} is not available: no local copy was found (looked in: {where}) "
         f"and the Hugging Face hub cannot be used for {src.hub_id}: {reason}. "
         f"To provide the data, set {DATA_DIR_ENV} (or `data.root` in the config) to a folder "
-        f"containing {src.subdir}/train-*.parquet and {src.subdir}/test-*.parquet "
+        f"containing {src.subdir}/train-*.parquet and {src.subdir}/{src.eval_split}-*.parquet "
         f"(the layout of the hub's parquet export of {src.hub_id}), or go online."
     )
 
@@ -422,6 +315,8 @@ def _check_layout(mode: str, size: tuple[int, int], src: DatasetSource, split: s
     channels = 1 if mode in _GRAY_MODES else 3 if mode in _COLOUR_MODES else None
     expected = src.input_shape
     found_c = channels if channels is not None else expected[0]  # palette images: either
+    if found_c == 1 and expected[0] == 3 and src.gray_images:
+        found_c = 3  # a colour set with some grayscale images (Tiny ImageNet): converted
     if (found_c, size[1], size[0]) != expected:
         raise ValueError(
             f"{src.name} {split}: images are {mode} {size[0]}x{size[1]}, i.e. "
@@ -456,37 +351,6 @@ def _cache_path(cache_root: Path, src: DatasetSource, origin: dict[str, Any]) ->
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     return cache_root / f"{src.name}-{digest}.pt"
-
-
-def _warn_cache_once(cache_dir: Path, what: str, exc: BaseException) -> None:
-    if str(cache_dir) in _warned_cache_dirs:
-        return
-    _warned_cache_dirs.add(str(cache_dir))
-    warnings.warn(
-        f"grape_dist: not caching decoded datasets in {cache_dir} ({what}: {exc}); "
-        f"set {CACHE_DIR_ENV} to a writable folder to avoid decoding on every run",
-        RuntimeWarning,
-        stacklevel=6,  # the caller of load_image_dataset
-    )
-
-
-@contextlib.contextmanager
-def _cache_lock(cache_path: Path) -> Iterator[None]:
-    from filelock import FileLock, Timeout
-
-    try:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(cache_path) + ".lock", timeout=600)
-        lock.acquire()
-    except (OSError, Timeout) as exc:
-        # No usable lock (read-only dir, or a stuck holder): load without one.
-        logger.debug("no lock for %s: %s", cache_path, exc)
-        yield
-        return
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def _read_cache(path: Path, src: DatasetSource) -> tuple[Split, Split] | None:
@@ -525,19 +389,6 @@ def _write_cache(path: Path, train: Split, test: Split) -> None:
         "test_images": test.images,
         "test_labels": test.labels,
     }
-    tmp: str | None = None
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Temp file in the same folder + os.replace: readers never see a half-written file.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
-        os.replace(tmp, path)
-        tmp = None
-    except (OSError, RuntimeError) as exc:
-        _warn_cache_once(path.parent, "cannot write", exc)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+    # Warnings point at the caller of load_image_dataset: _write_cache, _load_cached_or_decode,
+    # _load_local / _load_hub, load_image_dataset, then the caller.
+    save_cache(path, payload, stacklevel=5)

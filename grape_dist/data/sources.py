@@ -2,7 +2,8 @@
 
 Each entry records where the dataset lives on the Hugging Face hub, the sub-folder that the
 hub's parquet export uses (so a local copy laid out like the hub can be found under a data
-root), the column names, and the facts the models and the normalisation need.
+root), the column names, the split a run evaluates on, and the facts the models and the
+normalisation need.
 """
 
 from __future__ import annotations
@@ -16,13 +17,18 @@ class DatasetSource:
 
     name: str
     hub_id: str
-    subdir: str  # relative folder holding {train,test}-*.parquet, as in the hub's export
+    subdir: str  # relative folder holding {train,<eval_split>}-*.parquet, as in the hub's export
     image_column: str
     label_column: str
     num_classes: int
     input_shape: tuple[int, int, int]  # (C, H, W)
     mean: tuple[float, ...]  # per channel, on the [0, 1] scale
     std: tuple[float, ...]
+    # The hub split a run evaluates on (the trainer's "test" split).
+    eval_split: str = "test"
+    # Whether some images of a colour set are grayscale: they are converted to RGB, and a
+    # grayscale first image is not taken as a sign of the wrong files.
+    gray_images: bool = False
 
 
 DATASETS: dict[str, DatasetSource] = {
@@ -58,6 +64,24 @@ DATASETS: dict[str, DatasetSource] = {
         input_shape=(3, 32, 32),
         mean=(0.5071, 0.4865, 0.4409),
         std=(0.2673, 0.2564, 0.2762),
+    ),
+    # The hub copy mirrors Stanford's release: 100,000 labelled training images (500 per class)
+    # and the 10,000 labelled validation images as `valid`; the release's test images have no
+    # labels and are not on the hub, so `valid` is the evaluated split (as in the literature).
+    # Locally: <root>/tiny-imagenet/data/{train,valid}-*.parquet, the repo's own `data/` folder.
+    "tinyimagenet": DatasetSource(
+        name="tinyimagenet",
+        hub_id="zh-plus/tiny-imagenet",
+        subdir="tiny-imagenet/data",
+        image_column="image",
+        label_column="label",
+        num_classes=200,
+        input_shape=(3, 64, 64),
+        # The values commonly quoted for Tiny ImageNet's training set.
+        mean=(0.4802, 0.4481, 0.3975),
+        std=(0.2302, 0.2265, 0.2262),
+        eval_split="valid",
+        gray_images=True,  # some images are grayscale (mode L) JPEGs
     ),
 }
 

@@ -37,7 +37,8 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
 
 
 def _mean_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits, target)
+    """The mean over every output position: (N, C) logits, or a language model's (N, T, C)."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
 
 class TorchPipelineSchedule(Schedule):
@@ -53,11 +54,13 @@ class TorchPipelineSchedule(Schedule):
                              f"'{stages[0].rule.name}' runs on the native schedule")
         mb = batch_size // micro_batches
         dtype = torch.get_default_dtype()
+        # The first stage takes the model's inputs: token ids (torch.long) for a language model.
+        input_dtype = model.input_dtype or dtype
         self.torch_stages = []
         for s in stages:
             shape = model.input_shape if s.first == 0 else model.blocks[s.first - 1].out_shape
-            example = torch.zeros(mb, *shape, dtype=dtype, device=device,
-                                  requires_grad=s.first > 0)
+            example = torch.zeros(mb, *shape, dtype=input_dtype if s.first == 0 else dtype,
+                                  device=device, requires_grad=s.first > 0)
             self.torch_stages.append(PipelineStage(
                 nn.Sequential(*s.blocks), s.index, num_stages, device, input_args=(example,),
                 group=mesh.pipeline_group))
@@ -77,8 +80,9 @@ class TorchPipelineSchedule(Schedule):
         stats = self._stats()
         if self.holds_output:
             # Per-micro-batch mean losses -> the summed loss over the mini-batch.
-            stats[0] = float(sum(float(v) for v in losses)) * len(batch.y) / len(losses)
-            stats[1] = float((out.argmax(1) == batch.y).sum())
+            # (the outputs: samples, or samples x positions for a language model)
+            stats[0] = float(sum(float(v) for v in losses)) * batch.y.numel() / len(losses)
+            stats[1] = float((out.argmax(-1) == batch.y).sum())
         # The loss lives on the rank holding the last stage.
         self.transport.broadcast(stats, self.last).wait()
         return self._finish(stages, stats, batch)

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from ..models.dropout import dropout_rows
 from ..rng import keyed_generator
 from ..rules.direct import DirectFeedbackRule
 from ..rules.feedback import feedback_columns, frobenius_cosine, jacobian_estimate, project
@@ -47,7 +48,10 @@ def probe_alignment(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, se
         buffers = [(b, b.clone()) for stage in engine.stages for block in stage.blocks
                    for b in block.buffers()]
         try:
-            local = _probe(engine, x, y, seed, max_outputs)
+            # Fixed dropout masks (keyed by the probe's seed): the probe is deterministic and
+            # the same on any layout.
+            with dropout_rows(seed, 0, len(y), len(y), stream="probe"):
+                local = _probe(engine, x, y, seed, max_outputs)
         finally:
             for b, saved in buffers:
                 b.copy_(saved)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from ..config import ModelConfig
+from .alexnet import build_alexnet
 from .blocks import Block, BlockModel, SignalSpec
+from .dropout import KeyedDropout, dropout_rows
 from .lenet import build_lenet
 from .mlp import build_mlp
 from .resnet import build_resnet
 from .transformer import build_transformer
+from .vgg import build_vgg16
 
-__all__ = ["Block", "BlockModel", "SignalSpec", "build_lenet", "build_mlp", "build_model",
-           "build_resnet", "build_transformer"]
+__all__ = ["Block", "BlockModel", "KeyedDropout", "SignalSpec", "build_alexnet", "build_lenet",
+           "build_mlp", "build_model", "build_resnet", "build_transformer", "build_vgg16",
+           "dropout_rows"]
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> BlockModel:
@@ -27,4 +31,9 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
     if cfg.name == "transformer":
         return build_transformer(num_classes, input_shape[0], cfg.d_model, cfg.layers, cfg.heads,
                                  cfg.feedback)
-    raise ValueError(f"unknown model {cfg.name!r}; allowed: mlp, lenet, resnet, transformer")
+    if cfg.name == "alexnet":
+        return build_alexnet(input_shape, num_classes, cfg.width, cfg.dropout)
+    if cfg.name == "vgg16":
+        return build_vgg16(input_shape, num_classes, cfg.width, cfg.dropout)
+    raise ValueError(f"unknown model {cfg.name!r}; allowed: mlp, lenet, resnet, transformer, "
+                     "alexnet, vgg16")

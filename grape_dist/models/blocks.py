@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..rng import key_seed
+from .dropout import assign_dropout_keys
 
 
 @dataclass(frozen=True)
@@ -147,11 +148,13 @@ class BlockModel(nn.Module):
 
         A factory block is built on the CPU under the random stream keyed by (seed, "init",
         index) and then moved, so its initial weights depend on neither the device nor the
-        partition. A block given already built is only moved.
+        partition. A block given already built is only moved. Either way its `KeyedDropout`s
+        are keyed by (seed, index), so their masks do not depend on the partition either.
         """
         for i in (range(len(self.blocks)) if indices is None else indices):
             if self._factories[i] is not None and _is_meta(self.blocks[i]):
                 self.blocks[i] = self.build_block(i, seed)
+            assign_dropout_keys(self.blocks[i], seed, i)
             self.blocks[i].to(device)
         return self
 
@@ -164,6 +167,7 @@ class BlockModel(nn.Module):
             torch.manual_seed(key_seed(seed, "init", index))
             block = factory()
         block.out_shape = self.blocks[index].out_shape
+        assign_dropout_keys(block, seed, index)
         return block
 
     def is_materialized(self, index: int) -> bool:

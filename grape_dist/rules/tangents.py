@@ -23,6 +23,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import nn
 
+from ..models.dropout import KeyedDropout
 from ..models.resnet import BasicBlock
 from ..models.transformer import AttentionSublayer, MLPSublayer
 
@@ -113,6 +114,12 @@ def layer_forward(layer: nn.Module, x: torch.Tensor, t: torch.Tensor | None,
                                    else layer.end_dim + 1)
     if isinstance(layer, nn.Identity):
         return x, t
+    if isinstance(layer, KeyedDropout):
+        # Linear in x: one mask, drawn once, scales the primal and the tangent rows alike.
+        mask = layer.mask(x)
+        if mask is None:
+            return x, t
+        return x * mask, t * mask[rows]
     return generic_layer_forward(layer, x, t, rows)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..models.dropout import dropout_rows
 from ..rules import MicroBatch, OutputSignal, SignalSpec, StageRule, output_signal
 from .signals import SignalCodec
 from .transport import InFlightError, Transport
@@ -100,7 +101,10 @@ class Schedule:
         rows = slice(mb.start - batch.offset, mb.start - batch.offset + mb.size)
         with self.transport.stage(s):
             h, t = (batch.x[rows], None) if s == 0 else self.transport.recv(s - 1, s)
-            h, t = rule.forward(mb, h, t)
+            # Dropout masks keyed by the mini-batch's global rows (models/dropout.py); the rule's
+            # name keeps a calibration step's masks apart from the training step's.
+            with dropout_rows(mb.step, mb.start, mb.size, mb.total, stream=rule.name):
+                h, t = rule.forward(mb, h, t)
             if s != self.last:
                 self.transport.send([h, t], s, s + 1)
                 return None
