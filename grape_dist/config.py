@@ -23,7 +23,9 @@ CALIBRATED_RULES = ("dfa", "grape")
 
 
 # Datasets of text (language modelling); the rest are image classification.
-TEXT_DATASETS = ("shakespeare",)
+TEXT_DATASETS = ("shakespeare", "wikitext2", "wikitext103")
+# The text datasets the char (ASCII) tokeniser covers; WikiText has accents, CJK, ...
+ASCII_TEXT_DATASETS = ("shakespeare",)
 
 
 class ConfigError(ValueError):
@@ -58,9 +60,10 @@ class ModelConfig:
     width `d_model` with `heads` attention heads, context `data.seq_len`; `feedback` is
     `macro` (one feedback point per layer) or `micro` (one per attention and MLP sub-layer);
     `resnet`: He et al.'s CIFAR ResNet of `depth` layers, one feedback point per residual
-    block."""
+    block; `alexnet`, `vgg16`: the CIFAR AlexNet (8 blocks) and VGG-16 (16 blocks) of Table 2,
+    one feedback point per weight layer (docs/convnets.md)."""
 
-    name: Literal["mlp", "lenet", "resnet", "transformer"] = "mlp"
+    name: Literal["mlp", "lenet", "resnet", "transformer", "alexnet", "vgg16"] = "mlp"
     hidden: list[int] = field(default_factory=lambda: [1024, 1024])
     channels: list[int] = field(default_factory=lambda: [6, 16])
     activation: Literal["relu", "tanh"] = "relu"
@@ -70,11 +73,22 @@ class ModelConfig:
     feedback: Literal["macro", "micro"] = "macro"
     # resnet: He et al.'s CIFAR ResNet of this depth (6n + 2: 20, 56, ...).
     depth: int = 20
+    # alexnet, vgg16: multiplier of every channel count and hidden width (1.0: the paper's
+    # model; e.g. 0.25 for a CPU-sized one).
+    width: float = 1.0
+    # alexnet, vgg16: dropout probability at the input of the hidden Linear layers (0.5 as in
+    # torchvision's AlexNet and the CIFAR VGGs; 0 leaves the layer out).
+    dropout: float = 0.5
 
 
 @dataclass
 class DataConfig:
-    name: Literal["mnist", "cifar10", "cifar100", "shakespeare"] = "mnist"
+    """`name`: image datasets mnist, cifar10, cifar100, tinyimagenet (evaluated on its `valid`
+    split); text datasets shakespeare (evaluated on test.txt), wikitext2, wikitext103 (evaluated
+    on `validation`), data/text.py."""
+
+    name: Literal["mnist", "cifar10", "cifar100", "tinyimagenet", "shakespeare", "wikitext2",
+                  "wikitext103"] = "mnist"
     # Folder in the hub's parquet layout; None: $GRAPE_DATA_DIR, then the embedded MNIST copy.
     root: str | None = None
     batch_size: int = 128
@@ -85,6 +99,12 @@ class DataConfig:
     # Text datasets: tokens per training sequence (the model's context); the corpus is cut into
     # consecutive windows of this length, each predicting its next-token shift.
     seq_len: int = 128
+    # Text datasets, offline: `char` (ASCII codes, 128 ids; ASCII corpora only), `byte` (UTF-8
+    # bytes, 256 ids) or `word` (whitespace-separated words, each line ended by <eos>: <unk>,
+    # <eos> and the `vocab_size` - 2 most frequent training words).
+    tokenizer: Literal["char", "byte", "word"] = "char"
+    # The word tokeniser's vocabulary size (the model's classes); 0 for char and byte.
+    vocab_size: int = 0
 
 
 @dataclass
@@ -198,6 +218,12 @@ class TrainConfig:
     save_final: bool = False
     # auto: this rank's GPU (cuda:LOCAL_RANK, nccl) when there is one, else the CPU (gloo).
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Checkpoints under <out>/checkpoints/ (runtime/checkpoint.py): at each epoch end, every
+    # `checkpoint_every_steps` steps (0: epoch ends only) and when interrupted; the newest
+    # `keep_checkpoints` are kept. `--resume OUT` continues from the newest.
+    checkpoint: bool = True
+    checkpoint_every_steps: int = 0
+    keep_checkpoints: int = 2
 
 
 @dataclass
@@ -381,6 +407,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
+def load_config_dict(data: dict) -> Config:
+    """A config from `to_dict`'s output (e.g. shipped to Ray workers), validated."""
+    cfg = _build(Config, data, "")
+    validate(cfg)
+    return cfg
+
+
 def _check(cond: bool, key: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{key}: {msg}")
@@ -393,6 +426,29 @@ def _validate_optim(o: OptimConfig, key: str) -> None:
     _check(all(0 <= b < 1 for b in o.betas), f"{key}.betas", f"each in [0, 1), got {o.betas}")
     _check(0 < o.gamma <= 1, f"{key}.gamma", f"must be in (0, 1], got {o.gamma}")
     _check(all(m > 0 for m in o.milestones), f"{key}.milestones", "epochs must be > 0")
+
+
+def _validate_tokenizer(d: DataConfig, text: bool) -> None:
+    """data.tokenizer and data.vocab_size: the model's vocabulary comes from them alone."""
+    if not text:
+        _check(d.tokenizer == "char" and d.vocab_size == 0,
+               "data.tokenizer" if d.tokenizer != "char" else "data.vocab_size",
+               f"applies to the text datasets ({', '.join(TEXT_DATASETS)}), not '{d.name}'; "
+               "leave data.tokenizer and data.vocab_size unset")
+        return
+    if d.tokenizer == "char":
+        _check(d.name in ASCII_TEXT_DATASETS, "data.tokenizer",
+               f"'char' covers ASCII text only ({', '.join(ASCII_TEXT_DATASETS)}) and "
+               f"'{d.name}' is not ASCII; allowed values for it: byte, word")
+    if d.tokenizer == "word":
+        _check(d.vocab_size >= 3, "data.vocab_size",
+               "the word tokenizer needs >= 3 (<unk>, <eos> and at least one word), "
+               f"got {d.vocab_size}")
+    else:
+        fixed = 128 if d.tokenizer == "char" else 256
+        _check(d.vocab_size == 0, "data.vocab_size",
+               f"the {d.tokenizer} tokenizer has a fixed vocabulary of {fixed}; leave it 0 "
+               f"(or use data.tokenizer=word), got {d.vocab_size}")
 
 
 def validate(cfg: Config) -> None:
@@ -420,6 +476,11 @@ def validate(cfg: Config) -> None:
     _check(g.directions >= 1, "grape.directions", f"must be >= 1, got {g.directions}")
     _check(g.eps > 0, "grape.eps", f"must be > 0, got {g.eps}")
     _check(cfg.pepita.f_scale > 0, "pepita.f_scale", "must be > 0")
+    t = cfg.train
+    _check(t.checkpoint_every_steps >= 0, "train.checkpoint_every_steps",
+           f"must be >= 0 (0 = at epoch ends only), got {t.checkpoint_every_steps}")
+    _check(t.keep_checkpoints >= 1, "train.keep_checkpoints",
+           f"must be >= 1, got {t.keep_checkpoints}")
     c = cfg.calibration
     _check(c.every_epochs >= 0, "calibration.every_epochs",
            f"must be >= 0 (0 = off), got T={c.every_epochs}")
@@ -450,9 +511,16 @@ def validate(cfg: Config) -> None:
         _check(m.d_model % m.heads == 0, "model.heads",
                f"must divide model.d_model={m.d_model}, got {m.heads}")
     _check(d.seq_len > 0, "data.seq_len", f"must be > 0, got {d.seq_len}")
+    _validate_tokenizer(d, text)
     if m.name == "resnet":
         _check(m.depth >= 8 and (m.depth - 2) % 6 == 0, "model.depth",
                f"a CIFAR ResNet has depth 6n + 2 (20, 32, 44, 56, 110), got {m.depth}")
+    _check(m.width > 0, "model.width", f"must be > 0, got {m.width}")
+    _check(0 <= m.dropout < 1, "model.dropout", f"must be in [0, 1), got {m.dropout}")
+    if m.name == "vgg16":
+        _check(d.name in ("cifar10", "cifar100"), "model.name",
+               f"vgg16 is the CIFAR variant (32x32 images pooled down to 1x1): use cifar10 "
+               f"or cifar100, not {d.name!r}")
     p = cfg.pipeline
     _check(p.pp >= 0, "pipeline.pp", f"must be >= 0 (0 = WORLD_SIZE / dp), got {p.pp}")
     _check(p.dp >= 1, "pipeline.dp", f"must be >= 1, got {p.dp}")

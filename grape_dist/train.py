@@ -15,14 +15,25 @@
 
 Data other than the embedded MNIST is read from `data.root` or $GRAPE_DATA_DIR (a folder in the
 Hugging Face hub's parquet layout), else from the hub when online.
+
+Checkpoints go to <out>/checkpoints/ at every epoch end (and every `train.checkpoint_every_steps`
+steps). Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits;
+    python -m grape_dist.train --resume runs/mlp_grape      # continues it (same ranks)
+An existing run folder is never overwritten silently: --resume it or pass --overwrite.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import shutil
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 from .config import ConfigError, load_config
 
@@ -33,21 +44,87 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--config", help="YAML config (see configs/); defaults apply without one")
     p.add_argument("--out", help="folder for config.yaml, metrics.jsonl and summary.json")
     p.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    p.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its newest checkpoint (its own "
+                        "config.yaml; overrides may change only train.epochs and the like)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (its metrics, checkpoints, ...)")
+    # The deepspeed launcher passes --local_rank (its environment has RANK and WORLD_SIZE).
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None,
+                   help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.epochs=3 rule=dfa")
     # Intermixed: overrides may come before, between or after the flags.
     return p.parse_intermixed_args(argv)
 
 
+# What marks a folder as holding a run, and what --overwrite removes.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+RUN_FOLDERS = ("checkpoints", "final_state", "tensorboard")
+
+
+class UsageError(Exception):
+    """Bad command-line input: one line, exit code 2."""
+
+
+def prepare_output(args: argparse.Namespace, rank: int) -> Path | None:
+    """Check --out / --resume / --overwrite before anything runs; returns the checkpoint to
+    resume from (None for a fresh run). With --overwrite, rank 0 removes the earlier run."""
+    from .runtime.checkpoint import CheckpointError, latest_checkpoint
+
+    if args.resume:
+        if args.config:
+            raise UsageError("--resume takes the run's own config.yaml; drop --config (give "
+                             "overrides such as train.epochs=N instead)")
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise UsageError("--resume continues the run in place: drop --out or make it the "
+                             "same folder")
+        if args.overwrite:
+            raise UsageError("--resume and --overwrite contradict each other")
+        run = Path(args.resume)
+        if not (run / "config.yaml").is_file():
+            raise UsageError(f"--resume {run}: no config.yaml there, not a run folder")
+        try:
+            ckpt = latest_checkpoint(run)
+        except CheckpointError as exc:
+            raise UsageError(f"--resume {run}: {exc}") from exc
+        if ckpt is None:
+            raise UsageError(f"--resume {run}: the run has no checkpoint to continue from "
+                             f"({run / 'checkpoints'} is missing or empty)")
+        args.out = str(run)
+        return ckpt
+    if not args.out:
+        return None
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    held = [name for name in (*RUN_FILES, *RUN_FOLDERS) if (out / name).exists()]
+    if held and not args.overwrite:
+        raise UsageError(f"--out {out} already holds a run ({', '.join(held)}): pass --resume "
+                         f"{out} to continue it, --overwrite to replace it, or another --out")
+    if held and rank == 0:
+        for name in held:
+            path = out / name
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    rank = int(os.environ.get("RANK", "0"))
     try:
-        cfg = load_config(args.config, args.overrides)
+        resume = prepare_output(args, rank)
+        config_path = str(Path(args.resume) / "config.yaml") if resume else args.config
+        cfg = load_config(config_path, args.overrides)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except ConfigError as exc:
         # Refuse bad input before any rank or data is touched.
         print(f"config error: {exc}", file=sys.stderr)
         return 2
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
     from .distributed import backend_for, process_group, resolve_device
     from .runtime import LayoutError, plan_layout
     from .trainer import Trainer, build_model_for
@@ -68,8 +145,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         cfg.train.progress = False
 
-    with process_group(cfg.pipeline.timeout_s, device):
-        summary = Trainer(cfg, args.out, device, layout).fit()
+    from .runtime.checkpoint import CheckpointError
+    from .trainer import TrainingInterrupted
+
+    try:
+        with process_group(cfg.pipeline.timeout_s, device):
+            trainer = Trainer(cfg, args.out, device, layout, resume=resume)
+            with stop_on_signals(trainer):
+                summary = trainer.fit()
+    except CheckpointError as exc:
+        if rank == 0:
+            print(f"error: cannot resume: {exc}", file=sys.stderr)
+        return 2
+    except TrainingInterrupted as exc:
+        if rank == 0:
+            where = (f"checkpoint {exc.checkpoint}; resume with: python -m grape_dist.train "
+                     f"--resume {args.out}" if exc.checkpoint else
+                     "no --out, so nothing was saved")
+            print(f"stopped: {exc}; {where}", file=sys.stderr, flush=True)
+        return 130
+    except KeyboardInterrupt:
+        if rank == 0:
+            print("stopped before training began; nothing to resume", file=sys.stderr)
+        return 130
     ppl = (f", perplexity {summary['final_test_perplexity']:.3f} (best "
            f"{summary['best_test_perplexity']:.3f})" if "final_test_perplexity" in summary else "")
     logging.getLogger("grape_dist").info(
@@ -77,6 +175,28 @@ def main(argv: list[str] | None = None) -> int:
         summary["rule"], summary["final_test_accuracy"], summary["best_test_accuracy"], ppl,
         summary["steps"], summary["wall_seconds"])
     return 0
+
+
+@contextlib.contextmanager
+def stop_on_signals(trainer) -> Iterator[None]:
+    """SIGINT and SIGTERM ask the trainer to stop after its current step (with a checkpoint);
+    a second SIGINT interrupts at once. Only the main thread can install handlers (a Ray worker
+    runs the loop in another thread): elsewhere this does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if signum == signal.SIGINT and trainer._stop_requested:
+            raise KeyboardInterrupt
+        trainer.request_stop()
+
+    saved = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in saved.items():
+            signal.signal(s, h)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -13,7 +14,6 @@ import torch.distributed as dist
 
 from .config import TEXT_DATASETS, Config, to_dict
 from .data import (
-    VOCAB,
     epoch_batches,
     get_source,
     load_image_dataset,
@@ -21,13 +21,22 @@ from .data import (
     normalize,
     random_batch_indices,
     subset_indices,
+    tokenizer_vocab_size,
 )
 from .distributed import backend_for, resolve_device
+from .faults import fault_from_env
 from .metrics.progress import Progress
+from .metrics.tensorboard import TensorBoardWriter
 from .metrics.writer import RunWriter
 from .models import BlockModel, build_model
 from .optim import scheduled_lr, set_lr
 from .runtime import Layout, build_engine, plan_layout, split_micro_batches
+from .runtime.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    read_manifest,
+    save_checkpoint,
+)
 from .runtime.final_state import clear_final_state
 
 log = logging.getLogger("grape_dist")
@@ -47,17 +56,45 @@ class CalibrationEvent:
 
 
 @dataclass
+class EpochProgress:
+    """The running sums of the epoch in progress (checkpointed mid-epoch)."""
+
+    batches: int = 0  # mini-batches of this epoch done
+    loss: float = 0.0
+    correct: float = 0.0
+    seen: int = 0
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
 class TrainState:
-    epoch: int = 0
+    epoch: int = 0  # the epoch in progress (1-based), or the last one finished
     step: int = 0
     calibrations: list[CalibrationEvent] = field(default_factory=list)
     best_test_accuracy: float = 0.0
     best_test_loss: float = float("inf")
+    last_test_loss: float = float("nan")
+    last_test_accuracy: float = float("nan")
+    progress: EpochProgress = field(default_factory=EpochProgress)
+    epoch_done: bool = True  # whether `epoch` is finished (trained, calibrated, evaluated)
+    metrics_rows: int = 0  # lines of metrics.jsonl written so far
+    elapsed_s: float = 0.0  # training time before this process (resumed runs)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> TrainState:
+        data = dict(data)
+        data["calibrations"] = [CalibrationEvent(**c) for c in data["calibrations"]]
+        data["progress"] = EpochProgress(**data["progress"])
+        return cls(**data)
 
 
 def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, str]:
     if cfg.data.name in TEXT_DATASETS:
-        text = load_text_dataset(cfg.data.name, cfg.data.root, cfg.data.seq_len)
+        text = load_text_dataset(cfg.data.name, cfg.data.root, cfg.data.seq_len,
+                                 cfg.data.tokenizer, cfg.data.vocab_size)
         return (_subset(text.train_x, text.train_y, cfg.data.train_subset, cfg.seed),
                 _subset(text.test_x, text.test_y, cfg.data.test_subset, cfg.seed), text.source)
     ds = load_image_dataset(cfg.data.name, cfg.data.root)
@@ -80,9 +117,21 @@ def build_model_for(cfg: Config) -> BlockModel:
     """The configured model on the meta device (its structure, no weights): sized from the
     dataset's registry entry, so it is known before any data is loaded or group joined."""
     if cfg.data.name in TEXT_DATASETS:
-        return build_model(cfg.model, (cfg.data.seq_len,), VOCAB)
+        # The tokeniser's vocabulary, from the config alone (the word vocabulary's size is
+        # data.vocab_size whatever words the corpus turns out to have).
+        vocab = tokenizer_vocab_size(cfg.data.tokenizer, cfg.data.vocab_size)
+        return build_model(cfg.model, (cfg.data.seq_len,), vocab)
     src = get_source(cfg.data.name)
     return build_model(cfg.model, src.input_shape, src.num_classes)
+
+
+class TrainingInterrupted(Exception):
+    """The run was asked to stop (SIGINT/SIGTERM) and wrote a checkpoint after its last
+    step."""
+
+    def __init__(self, epoch: int, step: int, checkpoint: Path | None) -> None:
+        super().__init__(f"interrupted in epoch {epoch} after step {step}")
+        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
 
 
 class Trainer:
@@ -90,7 +139,10 @@ class Trainer:
     this rank's stages of a pp x dp mesh. Only rank 0 writes outputs and logs."""
 
     def __init__(self, cfg: Config, out_dir: str | Path | None = None,
-                 device: torch.device | None = None, layout: Layout | None = None) -> None:
+                 device: torch.device | None = None, layout: Layout | None = None,
+                 resume: str | Path | None = None) -> None:
+        """`resume`: a checkpoint folder (`runtime.checkpoint.latest_checkpoint` of a run) to
+        continue from; its manifest must describe this config and layout."""
         self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -103,8 +155,23 @@ class Trainer:
                                             backend_for(self.device))
         self.out_path = Path(out_dir) if out_dir is not None else None
         self.out_dir = self.out_path if self.rank == 0 else None
-        self.writer = RunWriter(self.out_dir)
+        self.state = TrainState()
+        bounds = None
+        manifest = None
+        if resume is not None:
+            manifest = read_manifest(resume, verify=self.rank == 0)
+            check_resumable(manifest, cfg, self.world_size, self.layout)
+            self.state = TrainState.from_json(manifest["trainer"])
+            bounds = [tuple(b) for b in manifest["stage_bounds"]]
+        # A resumed run keeps the metrics rows written up to its checkpoint.
+        self.writer = RunWriter(self.out_dir, keep_rows=self.state.metrics_rows
+                                if manifest is not None else None)
         self.writer.config(to_dict(cfg))
+        # TensorBoard scalars from rank 0 (<out>/tensorboard); a resumed run drops the events
+        # written after its checkpoint.
+        self.tb = TensorBoardWriter(self.out_dir / "tensorboard" if self.out_dir else None,
+                                    purge_step=self.state.step if manifest else None)
+        self.tb.config(to_dict(cfg))
         if self.out_dir is not None:
             clear_final_state(self.out_dir)
         t0 = time.perf_counter()
@@ -112,7 +179,15 @@ class Trainer:
         self.train, self.test, source = load_tensors(cfg)
         log.info("data %s: %d train / %d test from %s (%.1fs)", cfg.data.name, len(self.train.y),
                  len(self.test.y), source, time.perf_counter() - t0)
-        self.engine = build_engine(cfg, model, self.layout, self.device)
+        self.engine = build_engine(cfg, model, self.layout, self.device, bounds)
+        if resume is not None:
+            load_checkpoint(resume, self.engine.stages, self.rank)
+            # Each rank goes on summing the statistics of its own blocks ("name/<block>").
+            mine = {str(i) for s in self.engine.stages for i in range(s.first, s.last)}
+            self.state.progress.stats = {k: v for k, v in self.state.progress.stats.items()
+                                         if k.split("/")[-1] in mine}
+            log.info("resumed from %s: epoch %d, step %d", resume, self.state.epoch,
+                     self.state.step)
         self.model = self.engine.model  # meta except for this rank's blocks
         self.stages = self.engine.stages
         self.dp = self.layout.dp
@@ -123,7 +198,12 @@ class Trainer:
         probe = subset_indices(len(self.train.y), min(cfg.train.probe_batch_size,
                                                       len(self.train.y)), cfg.seed + 1)
         self.probe = Tensors(self.train.x[probe], self.train.y[probe])
-        self.state = TrainState()
+        self._stop_requested = False
+        self.fault = fault_from_env()  # injected crashes for recovery tests (faults.py)
+        self._saved: tuple[int, Path | None] | None = None  # (step, folder) of the last save
+        # Called on every rank after each checkpoint (the Ray job reports them to Ray Train).
+        self.checkpoint_hook: Callable[[Path], None] | None = None
+        self._t0 = time.perf_counter()
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -173,36 +253,89 @@ class Trainer:
         self.state.calibrations.append(CalibrationEvent(epoch, self.state.step, len(idx)))
 
     def train_epoch(self, epoch: int) -> tuple[float, float, dict[str, float]]:
+        """Train one epoch, or its rest when resumed mid-epoch (`state.progress`)."""
         cfg = self.cfg
         # Torch's pipelining schedules need equal micro-batch shapes: drop a partial batch.
         batches = epoch_batches(len(self.train.y), cfg.data.batch_size * self.dp, cfg.seed, epoch,
                                 drop_last=cfg.pipeline.schedule != "native")
-        bar = Progress(len(batches), f"epoch {epoch}/{cfg.train.epochs}",
+        prog = self.state.progress
+        bar = Progress(len(batches) - prog.batches, f"epoch {epoch}/{cfg.train.epochs}",
                        cfg.train.progress and self.rank == 0)
-        loss = correct = seen = 0
-        stats_sum: dict[str, float] = {}
-        for idx in batches:
+        for idx in batches[prog.batches:]:
             rows, offset, total = self._replica_rows(idx)
+            t_step = time.perf_counter()
             r = self.engine.train_step(self.train.x[rows].to(self.device),
                                        self.train.y[rows].to(self.device), self.state.step,
                                        offset, total)
             self.state.step += 1
-            loss += r.loss_sum
-            correct += r.correct
-            seen += r.samples * self.positions
+            self.tb.step(self.state.step, loss=r.loss_sum / max(r.samples * self.positions, 1),
+                         step_time_ms=1000 * (time.perf_counter() - t_step))
+            if self.fault is not None and self.fault.due(self.state.step, self.rank):
+                self.fault.fire()
+            prog.batches += 1
+            prog.loss += r.loss_sum
+            prog.correct += r.correct
+            prog.seen += r.samples * self.positions
             for k, v in r.stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v
-            bar.update(loss=loss / seen, acc=correct / seen)
+                prog.stats[k] = prog.stats.get(k, 0.0) + v
+            bar.update(loss=prog.loss / prog.seen, acc=prog.correct / prog.seen)
+            every = cfg.train.checkpoint_every_steps
+            if every and self.state.step % every == 0 and prog.batches < len(batches):
+                self.save_checkpoint()
+            self._check_stop()
         bar.close()
-        return loss / seen, correct / seen, {k: v / len(batches) for k, v in stats_sum.items()}
+        return (prog.loss / prog.seen, prog.correct / prog.seen,
+                {k: v / len(batches) for k, v in prog.stats.items()})
+
+    # -- checkpoints and interruption --------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Ask the run to stop after the current step with a checkpoint (signal handlers)."""
+        self._stop_requested = True
+
+    def _check_stop(self) -> None:
+        """Collective: all ranks stop on the same step if any was asked to."""
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0],
+                            device=self.device if self.device.type == "cuda" else "cpu")
+        if self.world_size > 1:
+            self.engine.transport.all_reduce(flag)
+        if flag.item() > 0:
+            path = self._saved if self._saved and self._saved[0] == self.state.step \
+                else (self.state.step, self.save_checkpoint())
+            raise TrainingInterrupted(self.state.epoch, self.state.step, path[1])
+
+    def save_checkpoint(self) -> Path | None:
+        """Collective: every stage's state and the trainer's, atomically (no-op without an
+        output folder or with `train.checkpoint=false`)."""
+        if self.out_path is None or not self.cfg.train.checkpoint:
+            return None
+        bounds = sorted(b for part in self.engine.transport.all_gather_object(
+            [(s.index, s.first, s.last) for s in self.stages]) for b in part)
+        trainer = self.state.to_json()
+        trainer["elapsed_s"] = self.state.elapsed_s + time.perf_counter() - self._t0
+        # Per-block statistics live on the ranks holding the blocks: keep every rank's.
+        trainer["progress"]["stats"] = self.engine.merge_stats(self.state.progress.stats)
+        manifest = {"epoch": self.state.epoch, "epoch_done": self.state.epoch_done,
+                    "world_size": self.world_size, "pp": self.layout.pp, "dp": self.dp,
+                    "stage_bounds": [[first, last] for _, first, last in bounds],
+                    "config": to_dict(self.cfg), "trainer": trainer}
+        path = save_checkpoint(self.out_path, self.stages, self.rank, self.state.step, manifest,
+                               keep=self.cfg.train.keep_checkpoints)
+        self._saved = (self.state.step, path)
+        if self.checkpoint_hook is not None:
+            self.checkpoint_hook(path)
+        log.debug("checkpoint %s", path)
+        return path
 
     def fit(self) -> dict:
         cfg = self.cfg
-        t0 = time.perf_counter()
         names = [b.name for b in self.model.blocks]
-        test_loss = test_acc = float("nan")
-        for epoch in range(1, cfg.train.epochs + 1):
-            self.state.epoch = epoch
+        state = self.state
+        # A resumed run continues the epoch its checkpoint was taken in, or the next one.
+        first = state.epoch + 1 if state.epoch_done else state.epoch
+        for epoch in range(max(first, 1), cfg.train.epochs + 1):
+            if state.epoch != epoch:
+                state.epoch, state.progress, state.epoch_done = epoch, EpochProgress(), False
             t_epoch = time.perf_counter()
             lr = scheduled_lr(cfg.optim, epoch, cfg.train.epochs)
             for opt in self.engine.optimizers:
@@ -211,11 +344,15 @@ class Trainer:
             calibrated, trigger_cos = self.calibration_due(epoch)
             if calibrated:
                 self.calibrate(epoch)
+                self.tb.calibration(state.step, len(state.calibrations))
             if epoch % cfg.train.eval_every and epoch != cfg.train.epochs:
+                state.epoch_done = True
+                self.save_checkpoint()
                 continue
             test_loss, test_acc = self.evaluate(self.test)
-            self.state.best_test_accuracy = max(self.state.best_test_accuracy, test_acc)
-            self.state.best_test_loss = min(self.state.best_test_loss, test_loss)
+            state.last_test_loss, state.last_test_accuracy = test_loss, test_acc
+            state.best_test_accuracy = max(state.best_test_accuracy, test_acc)
+            state.best_test_loss = min(state.best_test_loss, test_loss)
             align = self.engine.alignment(self.probe.x, self.probe.y, cfg.seed,
                                           cfg.train.jacobian_metric_max_outputs)
             stats = self.engine.merge_stats(stats)
@@ -224,17 +361,23 @@ class Trainer:
                 if k.startswith("align_cos/") and name in align:
                     align[name]["train_col_cos"] = v
             base = {"epoch": epoch, "step": self.state.step}
-            self.writer.metrics({**base, "split": "train", "loss": train_loss,
-                                 "accuracy": train_acc, **self._perplexity(train_loss)})
             trigger = {} if trigger_cos is None else {"trigger_grad_cos": trigger_cos}
-            self.writer.metrics({**base, "split": "test", "loss": test_loss,
-                                 "accuracy": test_acc, **self._perplexity(test_loss),
-                                 "calibrated": calibrated, **trigger, "alignment": align})
+            for row in ({**base, "split": "train", "loss": train_loss, "accuracy": train_acc,
+                         **self._perplexity(train_loss)},
+                        {**base, "split": "test", "loss": test_loss, "accuracy": test_acc,
+                         **self._perplexity(test_loss), "calibrated": calibrated, **trigger,
+                         "alignment": align}):
+                self.writer.metrics(row)
+                self.tb.evaluation(row)
             cos = " ".join(f"{n}:{v['grad_cos']:.2f}" for n, v in align.items())
             log.info("epoch %d/%d step %d | train loss %.4f acc %.4f | test loss %.4f acc %.4f%s"
                      "%s | %.1fs", epoch, cfg.train.epochs, self.state.step, train_loss,
                      train_acc, test_loss, test_acc, f" | cos(B^T e, grad) {cos}" if cos else "",
                      " | calibrated" if calibrated else "", time.perf_counter() - t_epoch)
+            state.metrics_rows += 2
+            state.epoch_done = True
+            self.save_checkpoint()
+        test_loss, test_acc = state.last_test_loss, state.last_test_accuracy
         summary = {
             "rule": cfg.rule,
             "model": cfg.model.name,
@@ -251,10 +394,11 @@ class Trainer:
             "pp": self.layout.pp,
             "dp": self.dp,
             "stages": self.layout.num_stages,
-            "wall_seconds": round(time.perf_counter() - t0, 3),
+            "wall_seconds": round(state.elapsed_s + time.perf_counter() - self._t0, 3),
             **self.engine.memory_report(),
         }
         self.writer.summary(summary)
+        self.tb.close()
         if cfg.train.save_final and self.out_path is not None:
             self.engine.save_final(self.out_path, self.state.step, self.state.epoch)
         return summary

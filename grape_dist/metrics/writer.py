@@ -12,6 +12,11 @@ from typing import Any
 import yaml
 
 
+def _readable(path: str | Path) -> None:
+    """mkstemp makes 0600 files; run outputs are for sharing: 0644."""
+    os.chmod(path, 0o644)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write to a temporary file in the same folder, fsync, then rename over `path`."""
     path = Path(path)
@@ -22,6 +27,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -38,6 +44,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     os.close(fd)
     try:
         torch.save(obj, tmp)
+        _readable(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -47,12 +54,19 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 class RunWriter:
     """Writes `config.yaml`, `metrics.jsonl` and `summary.json` under `out_dir` (None: no-op)."""
 
-    def __init__(self, out_dir: str | Path | None) -> None:
+    def __init__(self, out_dir: str | Path | None, keep_rows: int | None = None) -> None:
+        """`keep_rows`: a resumed run keeps that many rows of metrics.jsonl (those written up
+        to its checkpoint) and appends; None starts a fresh file."""
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            # A fresh run starts a fresh metrics file.
-            (self.out_dir / "metrics.jsonl").write_text("")
+            path = self.out_dir / "metrics.jsonl"
+            rows = path.read_text().splitlines(keepends=True) if keep_rows and path.exists() \
+                else []
+            if len(rows) < (keep_rows or 0):
+                raise ValueError(f"{path} has {len(rows)} rows, the checkpoint was taken after "
+                                 f"{keep_rows}")
+            atomic_write_text(path, "".join(rows[:keep_rows or 0]))
 
     def config(self, data: dict) -> None:
         if self.out_dir is not None:

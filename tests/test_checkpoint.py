@@ -1,0 +1,167 @@
+"""Checkpoints and resume: a run stopped (at a checkpoint, or by SIGINT) and resumed ends with
+exactly the metrics and weights of an uninterrupted run, on 1 and on 2 ranks; run folders are
+never overwritten silently; a corrupted checkpoint is named."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from grape_dist.runtime import load_final_state
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = Path(sys.executable).parent / "torchrun"
+# GrAPE with Adam (optimiser state), calibration every epoch (its own optimiser), 16 steps per
+# epoch, checkpoints every 5 steps: 5 and 10 are mid-epoch, 16 an epoch end.
+RUN = ["--config", "configs/mnist_mlp_grape.yaml", "--quiet", "data.train_subset=2048",
+       "data.test_subset=512", "model.hidden=[64,64]", "train.epochs=2", "train.threads=1",
+       "train.save_final=true", "calibration.every_epochs=1", "pipeline.micro_batches=2"]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def launch(nproc: int, *args: str, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "grape_dist.train"] if nproc == 1 else \
+        [str(TORCHRUN), f"--nproc_per_node={nproc}", "--standalone", "-m", "grape_dist.train"]
+    return subprocess.Popen([*cmd, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def run(nproc: int, *args: str) -> subprocess.CompletedProcess:
+    p = launch(nproc, *args)
+    out, err = p.communicate(timeout=300)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
+
+
+def assert_same_results(a: Path, b: Path) -> None:
+    """Every metrics row identical (alignment included), final weights and B bit for bit."""
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    for k in ("final_test_accuracy", "final_test_loss", "best_test_accuracy", "steps",
+              "calibration_steps"):
+        assert sa[k] == sb[k], k
+    fa, fb = load_final_state(a), load_final_state(b)
+    for part in ("model", "feedback"):
+        assert set(fa[part]) == set(fb[part])
+        for k in fa[part]:
+            assert torch.equal(fa[part][k], fb[part][k]), (part, k)
+
+
+@pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
+def uninterrupted(request, tmp_path_factory):
+    if request.param > 1 and not TORCHRUN.exists():
+        pytest.skip("torchrun not installed")
+    out = tmp_path_factory.mktemp(f"full{request.param}") / "run"
+    r = run(request.param, *RUN, "--out", str(out), "train.checkpoint_every_steps=5",
+            "train.keep_checkpoints=100")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return request.param, out
+
+
+@pytest.mark.parametrize("at", ["step_000000010", "step_000000025"])
+def test_resume_from_a_checkpoint_ends_like_the_uninterrupted_run(uninterrupted, at, tmp_path):
+    """A crash right after checkpoint `at` (mid-epoch 1, mid-epoch 2; the SIGINT test below
+    stops at an epoch's first steps): the run folder as it was then (later rows and checkpoints
+    are ignored), resumed."""
+    nproc, full = uninterrupted
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    (cut / "checkpoints" / "latest").write_text(at + "\n")
+    (cut / "summary.json").unlink()
+    manifest = json.loads((cut / "checkpoints" / at / "manifest.json").read_text())
+    assert manifest["world_size"] == nproc and len(manifest["stage_bounds"]) == nproc
+    r = run(nproc, "--resume", str(cut), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_results(full, cut)
+
+
+def test_sigint_checkpoints_then_resume_ends_like_the_uninterrupted_run(tmp_path):
+    """Ctrl-C mid-run: the current step finishes, a checkpoint is written, one line says how to
+    resume (exit 130); resuming ends exactly like a run that was never stopped."""
+    args = [*RUN, "train.epochs=12"]
+    p = launch(1, *args, "--out", str(tmp_path / "stopped"))
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()[1][-2000:]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGINT)  # during epoch 2 (of 12)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "--resume" in lines[0] and "Traceback" not in err, err
+    r = run(1, "--resume", str(tmp_path / "stopped"), "--quiet")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run(1, *args, "--out", str(tmp_path / "whole"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert_same_results(tmp_path / "whole", tmp_path / "stopped")
+
+
+def test_run_folders_are_not_overwritten_silently_and_are_readable(tmp_path):
+    out = tmp_path / "run"
+    short = [*RUN, "train.epochs=1", "--out", str(out)]
+    assert run(1, *short).returncode == 0
+    for name in ("config.yaml", "summary.json", "metrics.jsonl"):
+        assert stat.S_IMODE((out / name).stat().st_mode) & 0o044 == 0o044, name
+    # Rank 0's TensorBoard scalars: per step, per evaluation, per block.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"step/loss", "step/step_time_ms", "test/accuracy", "train/loss",
+            "alignment/fc1/grad_cos", "calibration/calibrated"} <= tags, tags
+    assert len(events.Scalars("step/loss")) == 16
+    row = json.loads((out / "metrics.jsonl").read_text().splitlines()[1])
+    assert events.Scalars("test/accuracy")[0].value == pytest.approx(row["accuracy"])
+    first = (out / "metrics.jsonl").read_text()
+    r = run(1, *short)
+    assert r.returncode == 2 and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert (out / "metrics.jsonl").read_text() == first  # untouched
+    r = run(1, *short, "--overwrite")
+    assert r.returncode == 0, r.stderr[-2000:]
+    (tmp_path / "file").write_text("x")
+    r = run(1, *RUN, "--out", str(tmp_path / "file"))
+    assert r.returncode == 2 and "is a file" in r.stderr
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["rule=dfa"], "rule is 'dfa' here but 'grape' in the checkpoint"),
+    (["optim.lr=0.1"], "optim.lr"),
+])
+def test_resume_refuses_another_config(overrides, match, tmp_path):
+    out = tmp_path / "run"
+    assert run(1, *RUN, "train.epochs=1", "--out", str(out)).returncode == 0
+    r = run(1, "--resume", str(out), *overrides)
+    assert r.returncode == 2 and match in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    # Extending the run is allowed.
+    r = run(1, "--resume", str(out), "--quiet", "train.epochs=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+
+
+def test_a_corrupted_checkpoint_is_named_and_a_partial_one_ignored(tmp_path):
+    out = tmp_path / "run"
+    assert run(1, *RUN, "train.epochs=1", "--out", str(out)).returncode == 0
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    # A save that died while writing leaves only a .partial folder: `latest` is unaffected.
+    (out / "checkpoints" / "step_000000099.partial").mkdir()
+    shard = latest / "__0_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = run(1, "--resume", str(out))
+    assert r.returncode == 2 and "__0_0.distcp" in r.stderr and "SHA-256" in r.stderr, r.stderr
+    shard.write_bytes(bytes(data[:100]))
+    r = run(1, "--resume", str(out))
+    assert r.returncode == 2 and "truncated" in r.stderr, r.stderr
