@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     rank = int(os.environ.get("RANK", "0"))
     try:
         resume = prepare_output(args, rank)
-        config_path = str(Path(args.resume) / "config.yaml") if resume else args.config
+        config_path = str(Path(args.resume) / "config.yaml") if args.resume else args.config
         cfg = load_config(config_path, args.overrides)
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg.train.progress = False
 
     from .runtime.checkpoint import CheckpointError
-    from .trainer import TrainingInterrupted
+    from .trainer import NonFiniteError, TrainingInterrupted
 
     try:
         with process_group(cfg.pipeline.timeout_s, device):
@@ -164,6 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                      "no --out, so nothing was saved")
             print(f"stopped: {exc}; {where}", file=sys.stderr, flush=True)
         return 130
+    except NonFiniteError as exc:
+        if rank == 0:
+            last = (f"the last good checkpoint is {exc.checkpoint} (--resume {args.out} "
+                    "continues from it)" if exc.checkpoint else "no checkpoint was written yet")
+            print(f"error: {exc}; lower optim.lr (or grape.b_optim.lr); {last}",
+                  file=sys.stderr, flush=True)
+        return 3
     except KeyboardInterrupt:
         if rank == 0:
             print("stopped before training began; nothing to resume", file=sys.stderr)

@@ -134,6 +134,17 @@ class TrainingInterrupted(Exception):
         self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
 
 
+class NonFiniteError(Exception):
+    """NaN or Inf in the loss, a block's weights or its feedback matrix: the run stops on that
+    step, on every rank, and writes no checkpoint (the previous one stays the last good one)."""
+
+    def __init__(self, epoch: int, step: int, where: list[str],
+                 checkpoint: Path | None) -> None:
+        super().__init__(f"non-finite values after step {step} (epoch {epoch}) in "
+                         f"{', '.join(where)}")
+        self.epoch, self.step, self.where, self.checkpoint = epoch, step, where, checkpoint
+
+
 class Trainer:
     """The training loop over this process's `PipelineEngine`: every stage in one process, or
     this rank's stages of a pp x dp mesh. Only rank 0 writes outputs and logs."""
@@ -156,6 +167,7 @@ class Trainer:
         self.out_path = Path(out_dir) if out_dir is not None else None
         self.out_dir = self.out_path if self.rank == 0 else None
         self.state = TrainState()
+        self._saved: tuple[int, Path | None] | None = None  # (step, folder) of the last save
         bounds = None
         manifest = None
         if resume is not None:
@@ -182,6 +194,7 @@ class Trainer:
         self.engine = build_engine(cfg, model, self.layout, self.device, bounds)
         if resume is not None:
             load_checkpoint(resume, self.engine.stages, self.rank)
+            self._saved = (self.state.step, Path(resume))
             # Each rank goes on summing the statistics of its own blocks ("name/<block>").
             mine = {str(i) for s in self.engine.stages for i in range(s.first, s.last)}
             self.state.progress.stats = {k: v for k, v in self.state.progress.stats.items()
@@ -200,7 +213,6 @@ class Trainer:
         self.probe = Tensors(self.train.x[probe], self.train.y[probe])
         self._stop_requested = False
         self.fault = fault_from_env()  # injected crashes for recovery tests (faults.py)
-        self._saved: tuple[int, Path | None] | None = None  # (step, folder) of the last save
         # Called on every rank after each checkpoint (the Ray job reports them to Ray Train).
         self.checkpoint_hook: Callable[[Path], None] | None = None
         self._t0 = time.perf_counter()
@@ -282,7 +294,7 @@ class Trainer:
             every = cfg.train.checkpoint_every_steps
             if every and self.state.step % every == 0 and prog.batches < len(batches):
                 self.save_checkpoint()
-            self._check_stop()
+            self._check_stop(r.loss_sum)
         bar.close()
         return (prog.loss / prog.seen, prog.correct / prog.seen,
                 {k: v / len(batches) for k, v in prog.stats.items()})
@@ -293,13 +305,36 @@ class Trainer:
         """Ask the run to stop after the current step with a checkpoint (signal handlers)."""
         self._stop_requested = True
 
-    def _check_stop(self) -> None:
-        """Collective: all ranks stop on the same step if any was asked to."""
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0],
+    def _nonfinite_blocks(self, loss: float) -> list[str]:
+        """This rank's blocks whose weights or feedback matrix hold NaN or Inf (one reduction
+        per tensor), plus "loss" if the step's loss is not finite."""
+        bad = [] if math.isfinite(loss) else ["loss"]
+        for stage in self.stages:
+            feedback = stage.rule.feedback_matrices()
+            for offset, block in enumerate(stage.blocks):
+                i = stage.first + offset
+                tensors = [p.detach() for p in block.parameters()]
+                sums = torch.stack([t.sum() for t in tensors]) if tensors else torch.zeros(1)
+                if not bool(torch.isfinite(sums).all()):
+                    bad.append(f"{block.name} (weights)")
+                if i in feedback and not bool(torch.isfinite(feedback[i].sum())):
+                    bad.append(f"{block.name} (feedback matrix)")
+        return bad
+
+    def _check_stop(self, loss: float = 0.0) -> None:
+        """Collective, after every step: all ranks stop on the same step if any was asked to
+        (a signal), or if any holds a non-finite loss, weight or feedback matrix."""
+        bad = self._nonfinite_blocks(loss)
+        flag = torch.tensor([1.0 if self._stop_requested else 0.0, float(len(bad))],
                             device=self.device if self.device.type == "cuda" else "cpu")
         if self.world_size > 1:
             self.engine.transport.all_reduce(flag)
-        if flag.item() > 0:
+        if flag[1].item() > 0:
+            blocks = sorted({b for part in self.engine.transport.all_gather_object(bad)
+                             for b in part})
+            raise NonFiniteError(self.state.epoch, self.state.step, blocks,
+                                 self._saved[1] if self._saved else None)
+        if flag[0].item() > 0:
             path = self._saved if self._saved and self._saved[0] == self.state.step \
                 else (self.state.step, self.save_checkpoint())
             raise TrainingInterrupted(self.state.epoch, self.state.step, path[1])

@@ -136,7 +136,7 @@ def test_run_folders_are_not_overwritten_silently_and_are_readable(tmp_path):
 
 @pytest.mark.parametrize("overrides,match", [
     (["rule=dfa"], "rule is 'dfa' here but 'grape' in the checkpoint"),
-    (["optim.lr=0.1"], "optim.lr"),
+    (["model.hidden=[32,32]"], "model.hidden"),
 ])
 def test_resume_refuses_another_config(overrides, match, tmp_path):
     out = tmp_path / "run"
@@ -165,3 +165,34 @@ def test_a_corrupted_checkpoint_is_named_and_a_partial_one_ignored(tmp_path):
     shard.write_bytes(bytes(data[:100]))
     r = run(1, "--resume", str(out))
     assert r.returncode == 2 and "truncated" in r.stderr, r.stderr
+
+
+def test_divergence_stops_the_run_names_the_blocks_and_keeps_the_last_good_checkpoint(
+        tmp_path):
+    """Epoch 1 at SGD lr 0.01, then resumed at lr 1e30: epoch 2 overflows within two steps.
+    One line names the step and the blocks (exit code 3), no checkpoint is written after it,
+    and a resume with a sane learning rate finishes from the last good one."""
+    out = tmp_path / "run"
+    assert run(1, *RUN, "--out", str(out), "optim.name=sgd", "optim.lr=0.01",
+               "train.epochs=1").returncode == 0
+    r = run(1, "--resume", str(out), "--quiet", "train.epochs=2", "optim.lr=1e30")
+    assert r.returncode == 3, r.stderr[-2000:]
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "non-finite values after step 1" in lines[0], r.stderr[-2000:]
+    assert "fc1 (weights)" in lines[0] and "step_000000016" in lines[0]
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_000000016"
+    r = run(1, "--resume", str(out), "--quiet", "train.epochs=2", "optim.lr=0.01")
+    assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
+def test_divergence_stops_every_rank_on_the_same_step(tmp_path):
+    """On 2 ranks the non-finite blocks live on different ranks: both stop after the same step
+    (no hang in a collective), and rank 0 alone prints the line, naming blocks of both."""
+    t0 = time.monotonic()
+    r = run(2, *RUN, "--out", str(tmp_path / "run"), "optim.name=sgd", "optim.lr=1e30")
+    assert r.returncode != 0 and time.monotonic() - t0 < 120
+    lines = [x for x in r.stderr.splitlines() if x.startswith("error: non-finite")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert "fc1 (weights)" in lines[0] and "out (weights)" in lines[0], lines[0]
+

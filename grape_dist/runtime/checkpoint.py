@@ -268,10 +268,11 @@ def load_checkpoint(path: str | Path, stages: list[Stage], rank: int) -> None:
     _barrier()
 
 
-# Keys a resumed run may change: they do not alter the trajectory up to the checkpoint.
+# Keys a resumed run may change: they do not alter the trajectory up to the checkpoint (the
+# learning rates change it from there on: how a diverged run is continued).
 RESUME_MAY_CHANGE = ("train.epochs", "train.progress", "train.threads", "train.device",
                      "train.checkpoint", "train.checkpoint_every_steps", "train.keep_checkpoints",
-                     "data.root", "pipeline.timeout_s")
+                     "data.root", "pipeline.timeout_s", "optim.lr", "grape.b_optim.lr")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
