@@ -18,3 +18,13 @@ run_config grape shakespeare_transformer_grape
 run_config grape_micro_cal1 shakespeare_transformer_grape model.feedback=micro \
     calibration.every_epochs=1
 run_config dfa_micro_cal1 shakespeare_transformer_dfa model.feedback=micro calibration.every_epochs=1
+# Per-block tangent routing (one tangent stream per block: a lower-variance J_hat for each B,
+# 5 streams instead of 1), the B learning rate, and micro feedback without calibration.
+run_config grape_cal1_perblock shakespeare_transformer_grape calibration.every_epochs=1 \
+    grape.routing=per_block
+run_config grape_cal1_blr10 shakespeare_transformer_grape calibration.every_epochs=1 \
+    grape.b_optim.lr=10
+run_config grape_micro_cal1_perblock shakespeare_transformer_grape model.feedback=micro \
+    calibration.every_epochs=1 grape.routing=per_block
+run_config grape_micro shakespeare_transformer_grape model.feedback=micro
+run_config dfa_micro shakespeare_transformer_dfa model.feedback=micro
