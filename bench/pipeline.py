@@ -35,7 +35,9 @@ Methods: `grape` (sync: signals broadcast once per mini-batch), `grape-stream`
 (pipeline.streaming: per micro-batch), `dfa` (the same runtime without tangents), and BP on
 torch.distributed.pipelining over the same blocks: `bp-gpipe`, `bp-1f1b`, and the strongest
 schedules torch ships, with two stages per rank: `bp-zb` (interleaved zero bubble), `bp-zbv`
-(zero bubble V) and `bp-dualpipev`; `bp-native` is this runtime's all-forward-all-backward BP.
+(zero bubble V) and `bp-dualpipev`; `bp-deepspeed`: BP through DeepSpeed's pipeline engine
+(`deepspeed.pipe.PipelineModule` over the same blocks and split, `engine.train_batch`: its 1F1B
+TrainSchedule); `bp-native` is this runtime's all-forward-all-backward BP.
 Each point also reports the parameters each rank holds (every rank materialises only its own
 blocks).
 
@@ -86,6 +88,8 @@ METHODS = {
     "bp-zb": ["rule=bp", "pipeline.schedule=zero_bubble"],
     "bp-zbv": ["rule=bp", "pipeline.schedule=zbv"],
     "bp-dualpipev": ["rule=bp", "pipeline.schedule=dualpipev"],
+    # DeepSpeed's pipeline engine (DeepSpeedPipe below); the config gives the layout and optimiser.
+    "bp-deepspeed": ["rule=bp"],
     "bp-native": ["rule=bp"],
 }
 BP_METHODS = [m for m in METHODS if m.startswith("bp-") and m != "bp-native"]
@@ -234,7 +238,10 @@ def worker(args) -> None:
     # Checked before joining the group, like the trainer (a refused point prints its reason).
     layout = plan_layout(cfg, len(model.blocks), world, backend_for(device))
     dist.init_process_group(backend_for(device))
-    pipe = build_engine(cfg, model, layout, device)
+    if args.method == "bp-deepspeed":
+        pipe = DeepSpeedPipe(args, cfg, model, layout, device)
+    else:
+        pipe = build_engine(cfg, model, layout, device)
     x, y = random_batch(args, args.batch, device, torch.Generator().manual_seed(1))
     cuda = device.type == "cuda"
     dist.barrier()
@@ -271,6 +278,77 @@ def worker(args) -> None:
             "params": params, "link": link}), flush=True)
     dist.barrier()
     dist.destroy_process_group()
+
+
+class _DSBlock(torch.nn.Module):
+    """One block of the model for DeepSpeed's `LayerSpec`: built only on the rank that holds it,
+    with the runtime's initial weights (keyed by seed and block index)."""
+
+    def __init__(self, model: BlockModel, index: int, seed: int) -> None:
+        super().__init__()
+        self.block = model.build_block(index, seed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(x)
+
+
+class _DSStageStart(_DSBlock):
+    """The first block of a stage: `partition_method="type:_DSStageStart"` gives each stage one
+    of these, and DeepSpeed's balanced partition then cuts exactly before each (checked)."""
+
+
+class DeepSpeedPipe:
+    """BP through DeepSpeed's pipeline engine: a `deepspeed.pipe.PipelineModule` whose layers are
+    the model's blocks, split as the other methods split them, trained by `engine.train_batch`
+    (DeepSpeed's TrainSchedule: 1F1B over M micro-batches, gradients accumulated, then the
+    optimiser step) with the same loss (the mean cross entropy over every output position) and
+    the same optimiser (the project's `build_optimizer`, passed to `deepspeed.initialize`)."""
+
+    def __init__(self, args, cfg, model: BlockModel, layout, device: torch.device) -> None:
+        import deepspeed
+        import torch.distributed as dist
+        from deepspeed.pipe import LayerSpec, PipelineModule
+
+        from grape_dist.distributed.torch_schedules import _mean_ce
+        from grape_dist.runtime.partition import partition
+
+        if layout.dp != 1 or layout.num_stages != layout.world_size:
+            raise ValueError(f"bp-deepspeed runs one stage per rank, got {layout.describe()}")
+        deepspeed.init_distributed(dist_backend=dist.get_backend())  # adopts torchrun's group
+        n = len(model.blocks)
+        # The runtime's split: explicit (the time-balanced presets) or by parameter count.
+        bounds = partition(model, layout.num_stages, cfg.pipeline.stage_blocks or None)
+        starts = {a for a, _ in bounds}
+        specs = [LayerSpec(_DSStageStart if i in starts else _DSBlock, model, i, cfg.seed)
+                 for i in range(n)]
+        module = PipelineModule(layers=specs, num_stages=layout.num_stages, loss_fn=_mean_ce,
+                                partition_method="type:_DSStageStart")
+        parts = [int(b) for b in module.parts]
+        if parts != [a for a, _ in bounds] + [n]:
+            raise RuntimeError(f"DeepSpeed split the blocks at {parts}, not at the runtime's "
+                               f"{[a for a, _ in bounds] + [n]}")
+        optimizer = build_optimizer(module.parameters(), cfg.optim)
+        self.engine, *_ = deepspeed.initialize(model=module, optimizer=optimizer, config={
+            "train_micro_batch_size_per_gpu": args.batch // args.micro,
+            "gradient_accumulation_steps": args.micro, "steps_per_print": 10**9,
+            "wall_clock_breakdown": False, "zero_optimization": {"stage": 0},
+            # DeepSpeed clips the gradient norm at 1.0 unless told otherwise; the others don't.
+            "gradient_clipping": 0.0})
+        torch.set_num_threads(args.threads)
+        self.micro = args.micro
+        local = torch.tensor([sum(p.numel() for p in module.parameters())], device=device)
+        counts = [torch.zeros_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, local)
+        self.params = [int(c) for c in counts]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
+        """One mini-batch: M (inputs, labels) micro-batches; DeepSpeed feeds the inputs to the
+        first stage and the labels to the last; returns the mean loss (on every rank)."""
+        return self.engine.train_batch(iter(list(zip(x.chunk(self.micro),
+                                                     y.chunk(self.micro)))))
+
+    def memory_report(self) -> dict[str, list]:
+        return {"parameters_per_rank": self.params}
 
 
 def _link_cost(args, dist, device: torch.device, act: int) -> dict | None:
@@ -524,7 +602,7 @@ def simulate(method: str, st: list[dict[str, float]], M: int, ln: Links) -> floa
     if method.startswith("bp"):
         orders = []
         for s in range(P):
-            if method == "bp-1f1b":
+            if method in ("bp-1f1b", "bp-deepspeed"):  # DeepSpeed's TrainSchedule is 1F1B
                 warm = min(M, P - 1 - s)
                 seq = [("F", j) for j in range(warm)]
                 f_next, b_next = warm, 0
