@@ -145,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quiet:
         cfg.train.progress = False
 
+    from .data import DatasetUnavailableError
     from .runtime.checkpoint import CheckpointError
     from .trainer import NonFiniteError, TrainingInterrupted
 
@@ -156,6 +157,11 @@ def main(argv: list[str] | None = None) -> int:
     except CheckpointError as exc:
         if rank == 0:
             print(f"error: cannot resume: {exc}", file=sys.stderr)
+        return 2
+    except DatasetUnavailableError as exc:
+        # The message says where it looked and how to provide the data.
+        if rank == 0:
+            print(f"error: {exc}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:
         if rank == 0:

@@ -176,16 +176,6 @@ class Trainer:
             self.state = TrainState.from_json(manifest["trainer"])
             bounds = [tuple(b) for b in manifest["stage_bounds"]]
         # A resumed run keeps the metrics rows written up to its checkpoint.
-        self.writer = RunWriter(self.out_dir, keep_rows=self.state.metrics_rows
-                                if manifest is not None else None)
-        self.writer.config(to_dict(cfg))
-        # TensorBoard scalars from rank 0 (<out>/tensorboard); a resumed run drops the events
-        # written after its checkpoint.
-        self.tb = TensorBoardWriter(self.out_dir / "tensorboard" if self.out_dir else None,
-                                    purge_step=self.state.step if manifest else None)
-        self.tb.config(to_dict(cfg))
-        if self.out_dir is not None:
-            clear_final_state(self.out_dir)
         t0 = time.perf_counter()
         # The data stays on the CPU; mini-batches move to the model's device as they are used.
         self.train, self.test, source = load_tensors(cfg)
@@ -201,6 +191,18 @@ class Trainer:
                                          if k.split("/")[-1] in mine}
             log.info("resumed from %s: epoch %d, step %d", resume, self.state.epoch,
                      self.state.step)
+        # Outputs only once the data and every stage are in place: a run that cannot start
+        # leaves --out as it found it.
+        self.writer = RunWriter(self.out_dir, keep_rows=self.state.metrics_rows
+                                if manifest is not None else None)
+        self.writer.config(to_dict(cfg))
+        # TensorBoard scalars from rank 0 (<out>/tensorboard); a resumed run drops the events
+        # written after its checkpoint.
+        self.tb = TensorBoardWriter(self.out_dir / "tensorboard" if self.out_dir else None,
+                                    purge_step=self.state.step if manifest else None)
+        self.tb.config(to_dict(cfg))
+        if self.out_dir is not None:
+            clear_final_state(self.out_dir)
         self.model = self.engine.model  # meta except for this rank's blocks
         self.stages = self.engine.stages
         self.dp = self.layout.dp

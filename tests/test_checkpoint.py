@@ -196,3 +196,14 @@ def test_divergence_stops_every_rank_on_the_same_step(tmp_path):
     assert len(lines) == 1, r.stderr[-3000:]
     assert "fc1 (weights)" in lines[0] and "out (weights)" in lines[0], lines[0]
 
+
+
+def test_a_run_that_cannot_start_leaves_out_untouched(tmp_path):
+    """Missing data: one line, exit 2, and no --out written (so the same command, with the data
+    given, is not refused as an existing run)."""
+    out = tmp_path / "run"
+    r = run(1, "--config", "configs/cifar10_resnet20_grape.yaml", "--quiet", "--out", str(out),
+            f"data.root={tmp_path / 'nowhere'}")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert len(r.stderr.strip().splitlines()) == 1 and "cifar10" in r.stderr
+    assert not out.exists()
