@@ -58,7 +58,6 @@ def _worker(loop_config: dict[str, Any]) -> None:
     from .config import load_config_dict
     from .distributed import backend_for
     from .runtime import plan_layout
-    from .runtime.checkpoint import latest_checkpoint
     from .trainer import Trainer, build_model_for
 
     ctx = ray.train.get_context()
@@ -69,15 +68,14 @@ def _worker(loop_config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     layout = plan_layout(cfg, len(build_model_for(cfg).blocks), world, backend_for(device))
     out = Path(loop_config["out"]) if loop_config["out"] else None
-    resume = None
     restored = ray.train.get_checkpoint()
-    if restored is not None:
-        # A restart after a failure: continue from the checkpoint Ray persisted.
+    if restored is None:
+        trainer = Trainer(cfg, out, device, layout)
+    else:
+        # A restart after a failure: continue from the checkpoint Ray persisted (its folder
+        # holds the manifest at the top). The trainer reads it while the folder exists.
         with restored.as_directory() as folder:
-            resume = latest_checkpoint_in(Path(folder))
-    elif loop_config["resume_local"] and out is not None:
-        resume = latest_checkpoint(out)
-    trainer = Trainer(cfg, out, device, layout, resume=resume)
+            trainer = Trainer(cfg, out, device, layout, resume=Path(folder))
 
     def report(path: Path | None) -> None:
         # Every rank calls report the same number of times; rank 0's folder has all shards.
@@ -92,13 +90,6 @@ def _worker(loop_config: dict[str, Any]) -> None:
         log = logging.getLogger("grape_dist")
         log.info("ray job done: %s", json.dumps({k: summary[k] for k in (
             "final_test_accuracy", "steps", "world_size")}))
-
-
-def latest_checkpoint_in(folder: Path) -> Path:
-    """Ray hands back a copy of one checkpoint folder (its manifest at the top)."""
-    if (folder / "manifest.json").is_file():
-        return folder
-    raise FileNotFoundError(f"{folder} (from Ray) holds no manifest.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,8 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     storage = str(Path(args.out) / "ray") if args.out else None
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": to_dict(cfg), "out": args.out, "quiet": args.quiet,
-                           "resume_local": False},
+        train_loop_config={"config": to_dict(cfg), "out": args.out, "quiet": args.quiet},
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo",
                                  timeout_s=int(cfg.pipeline.timeout_s)),
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu),

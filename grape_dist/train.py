@@ -200,7 +200,7 @@ def stop_on_signals(trainer) -> Iterator[None]:
         return
 
     def handler(signum, frame):
-        if signum == signal.SIGINT and trainer._stop_requested:
+        if signum == signal.SIGINT and trainer.stop_requested:
             raise KeyboardInterrupt
         trainer.request_stop()
 

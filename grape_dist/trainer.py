@@ -213,7 +213,7 @@ class Trainer:
         probe = subset_indices(len(self.train.y), min(cfg.train.probe_batch_size,
                                                       len(self.train.y)), cfg.seed + 1)
         self.probe = Tensors(self.train.x[probe], self.train.y[probe])
-        self._stop_requested = False
+        self.stop_requested = False  # set by request_stop (signal handlers)
         self.fault = fault_from_env()  # injected crashes for recovery tests (faults.py)
         # Called on every rank after each checkpoint (the Ray job reports them to Ray Train).
         self.checkpoint_hook: Callable[[Path], None] | None = None
@@ -305,29 +305,34 @@ class Trainer:
 
     def request_stop(self) -> None:
         """Ask the run to stop after the current step with a checkpoint (signal handlers)."""
-        self._stop_requested = True
+        self.stop_requested = True
 
     def _nonfinite_blocks(self, loss: float) -> list[str]:
-        """This rank's blocks whose weights or feedback matrix hold NaN or Inf (one reduction
-        per tensor), plus "loss" if the step's loss is not finite."""
-        bad = [] if math.isfinite(loss) else ["loss"]
+        """This rank's blocks whose weights or feedback matrix hold NaN or Inf, plus "loss" if
+        the step's loss is not finite. One reduction per tensor and one host read per step;
+        the blocks are named only when something is wrong."""
+        checks = []  # (name, the tensor's sum): a NaN or Inf anywhere makes the sum non-finite
         for stage in self.stages:
             feedback = stage.rule.feedback_matrices()
             for offset, block in enumerate(stage.blocks):
-                i = stage.first + offset
-                tensors = [p.detach() for p in block.parameters()]
-                sums = torch.stack([t.sum() for t in tensors]) if tensors else torch.zeros(1)
-                if not bool(torch.isfinite(sums).all()):
-                    bad.append(f"{block.name} (weights)")
-                if i in feedback and not bool(torch.isfinite(feedback[i].sum())):
-                    bad.append(f"{block.name} (feedback matrix)")
+                checks += [(f"{block.name} (weights)", p.detach().sum())
+                           for p in block.parameters()]
+                if stage.first + offset in feedback:
+                    checks.append((f"{block.name} (feedback matrix)",
+                                   feedback[stage.first + offset].sum()))
+        bad = [] if math.isfinite(loss) else ["loss"]
+        if checks:
+            finite = torch.isfinite(torch.stack([c for _, c in checks]))
+            if not bool(finite.all()):
+                bad += list(dict.fromkeys(n for (n, _), ok in zip(checks, finite.tolist())
+                                          if not ok))
         return bad
 
     def _check_stop(self, loss: float = 0.0) -> None:
         """Collective, after every step: all ranks stop on the same step if any was asked to
         (a signal), or if any holds a non-finite loss, weight or feedback matrix."""
         bad = self._nonfinite_blocks(loss)
-        flag = torch.tensor([1.0 if self._stop_requested else 0.0, float(len(bad))],
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0, float(len(bad))],
                             device=self.device if self.device.type == "cuda" else "cpu")
         if self.world_size > 1:
             self.engine.transport.all_reduce(flag)

@@ -235,16 +235,17 @@ def load_checkpoint(path: str | Path, stages: list[Stage], rank: int) -> None:
     path = Path(path)
     stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state: dict[str, torch.Tensor] = {}
-    optim: dict[str, torch.Tensor] = {}
+    optim: list[dict[str, torch.Tensor]] = []  # per stage: its optimiser entries, to load into
     for stage in stages:
         state.update(stage_tensors(stage))
         params = dict(_named_parameters(stage))
-        prefixes = tuple(f"optim.{name}." for name in params)
+        mine = {}
         for key, meta in stored.items():
-            if key.startswith(prefixes):
-                name = key[len("optim."):].rsplit(".", 1)[0]
+            name = key[len("optim."):].rsplit(".", 1)[0] if key.startswith("optim.") else None
+            if name in params:
                 device = params[name].device if meta.size else torch.device("cpu")
-                optim[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device=device)
+                mine[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device=device)
+        optim.append(mine)
     missing = [k for k in state if k not in stored]
     if missing:
         raise CheckpointError(f"{path} has no {missing[0]} (and {len(missing) - 1} more "
@@ -256,10 +257,9 @@ def load_checkpoint(path: str | Path, stages: list[Stage], rank: int) -> None:
     rng = {k: torch.empty(stored[k].size, dtype=torch.uint8)
            for k in (f"rng.{rank}.cpu", f"rng.{rank}.cuda") if k in stored}
     with _quiet_dcp():
-        dcp.load({**state, **optim, **rng}, checkpoint_id=path, no_dist=not _distributed())
-    for stage in stages:
-        mine = {k: v for k, v in optim.items()
-                if k[len("optim."):].rsplit(".", 1)[0] in dict(_named_parameters(stage))}
+        dcp.load({**state, **{k: v for m in optim for k, v in m.items()}, **rng},
+                 checkpoint_id=path, no_dist=not _distributed())
+    for stage, mine in zip(stages, optim, strict=True):
         _restore_optimizers(stage, mine)
     if f"rng.{rank}.cpu" in rng:
         torch.set_rng_state(rng[f"rng.{rank}.cpu"])
