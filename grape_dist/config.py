@@ -17,6 +17,8 @@ from typing import Any, Literal
 
 import yaml
 
+from .errors import StartupError
+
 # Rules that update every block from a directly projected signal (no backward between blocks).
 DIRECT_RULES = ("dfa", "drtp", "grape")
 CALIBRATED_RULES = ("dfa", "grape")
@@ -28,8 +30,15 @@ TEXT_DATASETS = ("shakespeare", "wikitext2", "wikitext103")
 ASCII_TEXT_DATASETS = ("shakespeare",)
 
 
-class ConfigError(ValueError):
+class ConfigError(StartupError, ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
+
+    prefix = "config error"
+
+
+def _one_line(exc: BaseException) -> str:
+    """A parser's multi-line message folded into one line."""
+    return " ".join(str(exc).split())
 
 
 @dataclass
@@ -362,7 +371,8 @@ def parse_override(text: str) -> dict:
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"override '{text}': value is not valid YAML ({exc})") from None
+        raise ConfigError(f"override '{text}': value is not valid YAML "
+                          f"({_one_line(exc)})") from None
     out: dict = {}
     node = out
     parts = key.split(".")
@@ -396,7 +406,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             try:
                 loaded = yaml.safe_load(fh)
             except yaml.YAMLError as exc:
-                raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+                raise ConfigError(f"{path}: not valid YAML ({_one_line(exc)})") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         data = loaded or {}

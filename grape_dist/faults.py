@@ -5,31 +5,40 @@
     GRAPE_FAULT="kill:step=20:rank=1:once=/tmp/f" SIGKILL itself, once: the marker file /tmp/f is
                                                   created first, and a restarted run that finds
                                                   it carries on (how restarts are tested)
+    GRAPE_FAULT="kill:step=16:at=save"            die while writing the checkpoint of step 16
+                                                  (shards written, not yet committed)
+    GRAPE_FAULT="hang:step=20:rank=1"             stop responding (sleep) after step 20: a
+                                                  stuck node or a deadlocked rank
 
 Unset (the normal case) it costs one dictionary lookup per step. The crash is abrupt on purpose
-(no checkpoint, no cleanup, `os._exit` or SIGKILL): what a lost node or an OOM kill looks like to
-the other ranks.
+(no checkpoint, no cleanup: `os._exit`, SIGKILL, or a sleep that never returns): what a lost
+node, an OOM kill or a stuck rank looks like to the other ranks.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from .errors import UsageError
 
 ENV = "GRAPE_FAULT"
 
 
 @dataclass(frozen=True)
 class Fault:
-    action: str  # exit | kill
+    action: str  # exit | kill | hang
     step: int
     rank: int | None = None
     once: Path | None = None
+    at: str = "step"  # step (after a training step) | save (inside a checkpoint save)
 
-    def due(self, step: int, rank: int) -> bool:
-        if step != self.step or (self.rank is not None and rank != self.rank):
+    def due(self, step: int, rank: int, at: str = "step") -> bool:
+        if step != self.step or at != self.at or (self.rank is not None and rank != self.rank):
             return False
         if self.once is not None:
             if self.once.exists():
@@ -40,28 +49,38 @@ class Fault:
     def fire(self) -> None:
         if self.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
+        if self.action == "hang":
+            # A stuck rank that the launcher can still stop (SIGTERM), not a graceful stop.
+            with contextlib.suppress(ValueError):  # only the main thread handles signals
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            while True:  # until a peer's timeout makes the launcher stop this process
+                time.sleep(3600)
         os._exit(17)
 
 
 def parse_fault(text: str) -> Fault:
-    """`action:key=value:...`; a malformed value is an error naming the variable."""
+    """`action:key=value:...`; a malformed value is refused (UsageError) naming the variable."""
     action, *parts = text.split(":")
-    if action not in ("exit", "kill"):
-        raise ValueError(f"{ENV}={text!r}: the action must be exit or kill")
+    if action not in ("exit", "kill", "hang"):
+        raise UsageError(f"{ENV}={text!r}: the action must be exit, kill or hang")
     fields: dict[str, str] = {}
     for part in parts:
         key, sep, value = part.partition("=")
-        if not sep or key not in ("step", "rank", "once"):
-            raise ValueError(f"{ENV}={text!r}: expected step=N, rank=R or once=PATH, got {part!r}")
+        if not sep or key not in ("step", "rank", "once", "at"):
+            raise UsageError(f"{ENV}={text!r}: expected step=N, rank=R, once=PATH or "
+                             f"at=step|save, got {part!r}")
+        if key == "at" and value not in ("step", "save"):
+            raise UsageError(f"{ENV}={text!r}: at= takes step or save, got {value!r}")
         fields[key] = value
     if "step" not in fields:
-        raise ValueError(f"{ENV}={text!r}: step=N is required")
+        raise UsageError(f"{ENV}={text!r}: step=N is required")
     try:
         return Fault(action, int(fields["step"]),
                      int(fields["rank"]) if "rank" in fields else None,
-                     Path(fields["once"]) if "once" in fields else None)
+                     Path(fields["once"]) if "once" in fields else None,
+                     fields.get("at", "step"))
     except ValueError:
-        raise ValueError(f"{ENV}={text!r}: step and rank must be integers") from None
+        raise UsageError(f"{ENV}={text!r}: step and rank must be integers") from None
 
 
 def fault_from_env() -> Fault | None:

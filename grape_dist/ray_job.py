@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, load_config, to_dict
+from .config import load_config, to_dict
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +70,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     out = Path(loop_config["out"]) if loop_config["out"] else None
     restored = ray.train.get_checkpoint()
     if restored is None:
-        trainer = Trainer(cfg, out, device, layout)
+        trainer = Trainer(cfg, out, device, layout, overwrite=loop_config["overwrite"])
     else:
         # A restart after a failure: continue from the checkpoint Ray persisted (its folder
         # holds the manifest at the top). The trainer reads it while the folder exists.
@@ -93,8 +93,8 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .runtime import LayoutError
-    from .train import UsageError, prepare_output
+    from .errors import StartupError
+    from .train import prepare_output
 
     args = parse_args(argv)
     if args.num_workers < 1:
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.data.root:
             cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
         args.resume = None
-        prepare_output(args, rank=0)
+        prepare_output(args)
         import torch
 
         from .distributed import backend_for
@@ -117,8 +117,8 @@ def main(argv: list[str] | None = None) -> int:
 
         plan_layout(cfg, len(build_model_for(cfg).blocks), args.num_workers,
                     backend_for(torch.device("cuda" if args.use_gpu else "cpu")))
-    except (ConfigError, UsageError, LayoutError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except StartupError as exc:
+        print(f"{exc.prefix}: {exc}", file=sys.stderr)
         return 2
 
     import ray
@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     storage = str(Path(args.out) / "ray") if args.out else None
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"config": to_dict(cfg), "out": args.out, "quiet": args.quiet},
+        train_loop_config={"config": to_dict(cfg), "out": args.out, "quiet": args.quiet,
+                           "overwrite": args.overwrite},
         torch_config=TorchConfig(backend="nccl" if args.use_gpu else "gloo",
                                  timeout_s=int(cfg.pipeline.timeout_s)),
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu),

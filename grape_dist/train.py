@@ -28,14 +28,17 @@ import argparse
 import contextlib
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import ConfigError, load_config
+from .config import load_config
+from .errors import StartupError, UsageError
+from .faults import fault_from_env
+from .metrics.writer import held_run_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -57,19 +60,70 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_intermixed_args(argv)
 
 
-# What marks a folder as holding a run, and what --overwrite removes.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
-RUN_FOLDERS = ("checkpoints", "final_state", "tensorboard")
+# Rank 0 reports an error every rank finds; the others give it this long to do so (torchrun
+# stops them as soon as rank 0 exits) before reporting an error of their own.
+PEER_REPORT_GRACE_S = 20.0
 
 
-class UsageError(Exception):
-    """Bad command-line input: one line, exit code 2."""
+def launcher_env() -> tuple[int, int]:
+    """(RANK, WORLD_SIZE) from the launcher's environment; (0, 1) without one."""
+    values = []
+    for key, default in (("RANK", "0"), ("WORLD_SIZE", "1")):
+        raw = os.environ.get(key, default)
+        try:
+            values.append(int(raw))
+        except ValueError:
+            raise UsageError(f"{key}={raw!r} in the environment is not an integer: unset it, or "
+                             "launch with torchrun, which sets it") from None
+    rank, world_size = values
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise UsageError(f"RANK={rank} does not fit WORLD_SIZE={world_size} in the environment: "
+                         "unset both, or launch with torchrun, which sets them")
+    return rank, world_size
 
 
-def prepare_output(args: argparse.Namespace, rank: int) -> Path | None:
+def _check_writable(out: Path) -> None:
+    """--out must be a folder this process can create or write into (checked, not tried: a
+    refused run writes nothing)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder: choose another --out")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"--out {out} cannot be created: {probe} is a file, not a folder; "
+                         "choose another --out")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"--out {out}: {probe} is not writable by this user; choose another "
+                         "--out or fix its permissions")
+
+
+def restart_attempt() -> int:
+    """How many times torchrun (--max-restarts) has restarted this job's workers; 0 at first."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
+
+
+def resume_after_restart(args: argparse.Namespace) -> None:
+    """Under `torchrun --max-restarts`, restarted workers run the original command line again:
+    they continue the run in --out from its newest checkpoint, or start it over when the
+    failure came before the first checkpoint."""
+    if restart_attempt() == 0 or args.resume or not args.out:
+        return
+    from .runtime.checkpoint import latest_checkpoint
+
+    out = Path(args.out)
+    if (out / "config.yaml").is_file() and latest_checkpoint(out) is not None:
+        args.resume, args.out, args.config = str(out), None, None
+        args.overwrite = False
+    else:
+        args.overwrite = True
+
+
+def prepare_output(args: argparse.Namespace) -> Path | None:
     """Check --out / --resume / --overwrite before anything runs; returns the checkpoint to
-    resume from (None for a fresh run). With --overwrite, rank 0 removes the earlier run."""
-    from .runtime.checkpoint import CheckpointError, latest_checkpoint
+    resume from (None for a fresh run). Nothing is removed here: with --overwrite the trainer
+    clears the earlier run only once the new one has its data and stages."""
+    from .runtime.checkpoint import latest_checkpoint
 
     if args.resume:
         if args.config:
@@ -83,10 +137,8 @@ def prepare_output(args: argparse.Namespace, rank: int) -> Path | None:
         run = Path(args.resume)
         if not (run / "config.yaml").is_file():
             raise UsageError(f"--resume {run}: no config.yaml there, not a run folder")
-        try:
-            ckpt = latest_checkpoint(run)
-        except CheckpointError as exc:
-            raise UsageError(f"--resume {run}: {exc}") from exc
+        _check_writable(run)
+        ckpt = latest_checkpoint(run)
         if ckpt is None:
             raise UsageError(f"--resume {run}: the run has no checkpoint to continue from "
                              f"({run / 'checkpoints'} is missing or empty)")
@@ -95,74 +147,86 @@ def prepare_output(args: argparse.Namespace, rank: int) -> Path | None:
     if not args.out:
         return None
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder")
-    held = [name for name in (*RUN_FILES, *RUN_FOLDERS) if (out / name).exists()]
+    _check_writable(out)
+    held = held_run_files(out)
     if held and not args.overwrite:
         raise UsageError(f"--out {out} already holds a run ({', '.join(held)}): pass --resume "
                          f"{out} to continue it, --overwrite to replace it, or another --out")
-    if held and rank == 0:
-        for name in held:
-            path = out / name
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
     return None
+
+
+def refuse(exc: StartupError, rank: int, world_size: int) -> int:
+    """One line for a run that cannot start, exit code 2. Every rank checks the same inputs, so
+    rank 0 speaks for all; another rank speaks only if it is still running after a grace
+    period, i.e. the error was its own (a node without the data, say)."""
+    if rank != 0 and world_size > 1:
+        time.sleep(PEER_REPORT_GRACE_S)
+        print(f"{exc.prefix} (rank {rank}): {exc}", file=sys.stderr, flush=True)
+    else:
+        print(f"{exc.prefix}: {exc}", file=sys.stderr, flush=True)
+    return 2
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
-    rank = int(os.environ.get("RANK", "0"))
+    rank, world_size = 0, 1
     try:
-        resume = prepare_output(args, rank)
+        rank, world_size = launcher_env()
+        fault_from_env()  # a malformed GRAPE_FAULT is refused here, not at its step
+        resume_after_restart(args)
+        resume = prepare_output(args)
         config_path = str(Path(args.resume) / "config.yaml") if args.resume else args.config
         cfg = load_config(config_path, args.overrides)
-    except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except ConfigError as exc:
-        # Refuse bad input before any rank or data is touched.
-        print(f"config error: {exc}", file=sys.stderr)
-        return 2
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    from .distributed import backend_for, process_group, resolve_device
-    from .runtime import LayoutError, plan_layout
-    from .trainer import Trainer, build_model_for
+        from .distributed import backend_for, resolve_device
+        from .runtime import plan_layout
+        from .trainer import build_model_for
 
-    try:
         device = resolve_device(cfg.train.device)
-        # The layout is checked once, here, by every rank alike: all of them stop before
-        # joining the process group. Block counts come from the model's own builder.
+        # The layout is checked here, by every rank alike, before any joins the group. Block
+        # counts come from the model's own builder.
         layout = plan_layout(cfg, len(build_model_for(cfg).blocks), world_size,
                              backend_for(device))
-    except (LayoutError, RuntimeError) as exc:
-        # Every rank says it: torchrun may stop the others before rank 0 gets to print.
-        where = f" (rank {rank})" if world_size > 1 else ""
-        print(f"config error{where}: {exc}", file=sys.stderr, flush=True)
-        return 2
+        if resume is not None:
+            # Another world size or config is refused before the group; the trainer verifies
+            # the files' checksums once the group is up.
+            from .runtime.checkpoint import check_resumable, read_manifest
+
+            check_resumable(read_manifest(resume, verify=False), cfg, world_size, layout)
+    except StartupError as exc:
+        return refuse(exc, rank, world_size)
     logging.basicConfig(level=logging.WARNING if args.quiet or rank else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.quiet:
         cfg.train.progress = False
+    if args.quiet or rank:
+        from .data.access import silence_progress_bars
 
-    from .data import DatasetUnavailableError
-    from .runtime.checkpoint import CheckpointError
-    from .trainer import NonFiniteError, TrainingInterrupted
+        silence_progress_bars()
 
+    from .distributed import peer_failure, process_group
+    from .trainer import NonFiniteError, Trainer, TrainingInterrupted
+
+    trainer = None
     try:
         with process_group(cfg.pipeline.timeout_s, device):
-            trainer = Trainer(cfg, args.out, device, layout, resume=resume)
+            # Data, resume checks and stages: errors here still come before the first step.
+            trainer = Trainer(cfg, args.out, device, layout, resume=resume,
+                              overwrite=args.overwrite)
             with stop_on_signals(trainer):
                 summary = trainer.fit()
-    except CheckpointError as exc:
-        if rank == 0:
-            print(f"error: cannot resume: {exc}", file=sys.stderr)
-        return 2
-    except DatasetUnavailableError as exc:
-        # The message says where it looked and how to provide the data.
-        if rank == 0:
-            print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except StartupError as exc:
+        return refuse(exc, rank, world_size)
+    except RuntimeError as exc:
+        reason = peer_failure(exc) if world_size > 1 else None
+        if reason is None:
+            raise
+        # Whichever rank notices says so (rank 0 may be the one that died).
+        print(f"error (rank {rank}): lost a peer {_where(trainer)} ({reason}; "
+              f"pipeline.timeout_s={cfg.pipeline.timeout_s:g}); {_resume_hint(trainer, args)}",
+              file=sys.stderr, flush=True)
+        return 4
     except TrainingInterrupted as exc:
         if rank == 0:
             where = (f"checkpoint {exc.checkpoint}; resume with: python -m grape_dist.train "
@@ -188,6 +252,20 @@ def main(argv: list[str] | None = None) -> int:
         summary["rule"], summary["final_test_accuracy"], summary["best_test_accuracy"], ppl,
         summary["steps"], summary["wall_seconds"])
     return 0
+
+
+def _where(trainer) -> str:
+    if trainer is None:
+        return "while starting"
+    return f"after step {trainer.state.step} (epoch {trainer.state.epoch})"
+
+
+def _resume_hint(trainer, args: argparse.Namespace) -> str:
+    saved = trainer.last_checkpoint if trainer is not None else None
+    if saved is None:
+        return "no checkpoint was written yet"
+    return (f"the last checkpoint is {saved}: --resume {args.out} continues from it "
+            "(torchrun --max-restarts=N does so by itself)")
 
 
 @contextlib.contextmanager

@@ -24,10 +24,11 @@ from .data import (
     tokenizer_vocab_size,
 )
 from .distributed import backend_for, resolve_device
+from .errors import DataError
 from .faults import fault_from_env
 from .metrics.progress import Progress
 from .metrics.tensorboard import TensorBoardWriter
-from .metrics.writer import RunWriter
+from .metrics.writer import RunWriter, clear_run
 from .models import BlockModel, build_model
 from .optim import scheduled_lr, set_lr
 from .runtime import Layout, build_engine, plan_layout, split_micro_batches
@@ -105,6 +106,16 @@ def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, str]:
     return splits[0], splits[1], ds.source
 
 
+def check_fits_data(cfg: Config, train_samples: int) -> None:
+    """A mini-batch the training split cannot fill is refused (DataError) before the first step
+    (calibration and probe batches are capped at the split's size instead)."""
+    where = (f"the {train_samples} training samples of {cfg.data.name}"
+             + (f" (data.train_subset={cfg.data.train_subset})" if cfg.data.train_subset else ""))
+    if cfg.data.batch_size > train_samples:
+        raise DataError(f"data.batch_size={cfg.data.batch_size} is larger than {where}: lower "
+                        "data.batch_size or train on more data")
+
+
 def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> Tensors:
     """A fixed random subset of n samples (0 = all)."""
     if not n:
@@ -151,9 +162,10 @@ class Trainer:
 
     def __init__(self, cfg: Config, out_dir: str | Path | None = None,
                  device: torch.device | None = None, layout: Layout | None = None,
-                 resume: str | Path | None = None) -> None:
+                 resume: str | Path | None = None, overwrite: bool = False) -> None:
         """`resume`: a checkpoint folder (`runtime.checkpoint.latest_checkpoint` of a run) to
-        continue from; its manifest must describe this config and layout."""
+        continue from; its manifest must describe this config and layout. `overwrite`: remove
+        the run already in `out_dir` once this one has its data and stages."""
         self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -179,6 +191,7 @@ class Trainer:
         t0 = time.perf_counter()
         # The data stays on the CPU; mini-batches move to the model's device as they are used.
         self.train, self.test, source = load_tensors(cfg)
+        check_fits_data(cfg, len(self.train.y))
         log.info("data %s: %d train / %d test from %s (%.1fs)", cfg.data.name, len(self.train.y),
                  len(self.test.y), source, time.perf_counter() - t0)
         self.engine = build_engine(cfg, model, self.layout, self.device, bounds)
@@ -193,6 +206,8 @@ class Trainer:
                      self.state.step)
         # Outputs only once the data and every stage are in place: a run that cannot start
         # leaves --out as it found it.
+        if overwrite and self.out_dir is not None:
+            clear_run(self.out_dir)
         self.writer = RunWriter(self.out_dir, keep_rows=self.state.metrics_rows
                                 if manifest is not None else None)
         self.writer.config(to_dict(cfg))
@@ -284,8 +299,7 @@ class Trainer:
             self.state.step += 1
             self.tb.step(self.state.step, loss=r.loss_sum / max(r.samples * self.positions, 1),
                          step_time_ms=1000 * (time.perf_counter() - t_step))
-            if self.fault is not None and self.fault.due(self.state.step, self.rank):
-                self.fault.fire()
+            self._inject_fault("step")
             prog.batches += 1
             prog.loss += r.loss_sum
             prog.correct += r.correct
@@ -340,11 +354,21 @@ class Trainer:
             blocks = sorted({b for part in self.engine.transport.all_gather_object(bad)
                              for b in part})
             raise NonFiniteError(self.state.epoch, self.state.step, blocks,
-                                 self._saved[1] if self._saved else None)
+                                 self.last_checkpoint)
         if flag[0].item() > 0:
             path = self._saved if self._saved and self._saved[0] == self.state.step \
                 else (self.state.step, self.save_checkpoint())
             raise TrainingInterrupted(self.state.epoch, self.state.step, path[1])
+
+    def _inject_fault(self, at: str) -> None:
+        """GRAPE_FAULT: crash or hang here if it names this step, rank and point."""
+        if self.fault is not None and self.fault.due(self.state.step, self.rank, at):
+            self.fault.fire()
+
+    @property
+    def last_checkpoint(self) -> Path | None:
+        """The newest checkpoint written (or resumed from) by this process, if any."""
+        return self._saved[1] if self._saved else None
 
     def save_checkpoint(self) -> Path | None:
         """Collective: every stage's state and the trainer's, atomically (no-op without an
@@ -362,7 +386,8 @@ class Trainer:
                     "stage_bounds": [[first, last] for _, first, last in bounds],
                     "config": to_dict(self.cfg), "trainer": trainer}
         path = save_checkpoint(self.out_path, self.stages, self.rank, self.state.step, manifest,
-                               keep=self.cfg.train.keep_checkpoints)
+                               keep=self.cfg.train.keep_checkpoints,
+                               before_commit=lambda: self._inject_fault("save"))
         self._saved = (self.state.step, path)
         if self.checkpoint_hook is not None:
             self.checkpoint_hook(path)

@@ -5,55 +5,14 @@ never overwritten silently; a corrupted checkpoint is named."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import stat
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
-import torch
 
-from grape_dist.runtime import load_final_state
-
-ROOT = Path(__file__).resolve().parents[1]
-TORCHRUN = Path(sys.executable).parent / "torchrun"
-# GrAPE with Adam (optimiser state), calibration every epoch (its own optimiser), 16 steps per
-# epoch, checkpoints every 5 steps: 5 and 10 are mid-epoch, 16 an epoch end.
-RUN = ["--config", "configs/mnist_mlp_grape.yaml", "--quiet", "data.train_subset=2048",
-       "data.test_subset=512", "model.hidden=[64,64]", "train.epochs=2", "train.threads=1",
-       "train.save_final=true", "calibration.every_epochs=1", "pipeline.micro_batches=2"]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-
-
-def launch(nproc: int, *args: str, **kw) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "grape_dist.train"] if nproc == 1 else \
-        [str(TORCHRUN), f"--nproc_per_node={nproc}", "--standalone", "-m", "grape_dist.train"]
-    return subprocess.Popen([*cmd, *args], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
-
-
-def run(nproc: int, *args: str) -> subprocess.CompletedProcess:
-    p = launch(nproc, *args)
-    out, err = p.communicate(timeout=300)
-    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
-
-
-def assert_same_results(a: Path, b: Path) -> None:
-    """Every metrics row identical (alignment included), final weights and B bit for bit."""
-    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
-    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
-    for k in ("final_test_accuracy", "final_test_loss", "best_test_accuracy", "steps",
-              "calibration_steps"):
-        assert sa[k] == sb[k], k
-    fa, fb = load_final_state(a), load_final_state(b)
-    for part in ("model", "feedback"):
-        assert set(fa[part]) == set(fb[part])
-        for k in fa[part]:
-            assert torch.equal(fa[part][k], fb[part][k]), (part, k)
+from runs import RUN, TORCHRUN, assert_same_results, launch, run
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
@@ -195,15 +154,3 @@ def test_divergence_stops_every_rank_on_the_same_step(tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.startswith("error: non-finite")]
     assert len(lines) == 1, r.stderr[-3000:]
     assert "fc1 (weights)" in lines[0] and "out (weights)" in lines[0], lines[0]
-
-
-
-def test_a_run_that_cannot_start_leaves_out_untouched(tmp_path):
-    """Missing data: one line, exit 2, and no --out written (so the same command, with the data
-    given, is not refused as an existing run)."""
-    out = tmp_path / "run"
-    r = run(1, "--config", "configs/cifar10_resnet20_grape.yaml", "--quiet", "--out", str(out),
-            f"data.root={tmp_path / 'nowhere'}")
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
-    assert len(r.stderr.strip().splitlines()) == 1 and "cifar10" in r.stderr
-    assert not out.exists()

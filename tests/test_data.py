@@ -7,8 +7,11 @@ schema that the tests write themselves.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from grape_dist.data import (
     DATASETS,
     DatasetUnavailableError,
     ImageDataset,
+    access,
     dataset_names,
     epoch_batches,
     load_image_dataset,
@@ -29,7 +33,9 @@ from grape_dist.data import (
     random_batch_indices,
     subset_indices,
 )
+from grape_dist.data.access import DIGEST_INDEX, file_digests
 from grape_dist.data.images import EMBEDDED_ROOT
+from grape_dist.data.text import load_text_dataset
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SHARED_MNIST = SHARED_DATA / "mnist" / "mnist"
@@ -134,6 +140,11 @@ def test_mnist_cache_roundtrip(mnist: ImageDataset, mnist_cache: Path) -> None:
     for a, b in ((mnist.train, again.train), (mnist.test, again.test)):
         assert torch.equal(a.images, b.images)
         assert torch.equal(a.labels, b.labels)
+    # The shared copy is read-only: the digest index and the locks live in the cache folder.
+    assert {p.name for p in SHARED_MNIST.iterdir()} == {
+        "train-00000-of-00001.parquet", "test-00000-of-00001.parquet"}
+    index = json.loads((mnist_cache / DIGEST_INDEX).read_text())
+    assert str((SHARED_MNIST / "train-00000-of-00001.parquet").resolve()) in index
 
 
 @needs_shared_mnist
@@ -199,18 +210,119 @@ def test_cifar100_written_parquet(tmp_path: Path) -> None:
     assert torch.equal(ds.test.labels, written["test"][1])
 
 
-def test_corrupt_cache_is_rewritten(tmp_path: Path) -> None:
-    write_cifar100(tmp_path / "data")
+@pytest.fixture
+def count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The files whose bytes get hashed (a spy on the real function, which still runs)."""
+    hashed: list[Path] = []
+    real = access.sha256_file
+
+    def spy(path: Path) -> str:
+        hashed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(access, "sha256_file", spy)
+    return hashed
+
+
+def test_cache_is_keyed_by_content_not_path(tmp_path: Path, count_hashing: list[Path]) -> None:
+    written = write_cifar100(tmp_path / "orig")
+    # Two clones of the same files: one keeps the mtimes (copy2), one gets new ones.
+    shutil.copytree(tmp_path / "orig", tmp_path / "a")
+    shutil.copytree(tmp_path / "orig", tmp_path / "b", copy_function=shutil.copyfile)
+    files_b = sorted(p.name for p in (tmp_path / "b" / "cifar100" / "cifar100").iterdir())
+    cache = tmp_path / "cache"
+
+    first = load_image_dataset("cifar100", root=str(tmp_path / "a"), cache_dir=str(cache))
+    assert "decoded cache" not in first.source and len(count_hashing) == 2
+    (cache_file,) = cache.glob("*.pt")
+    mtime = cache_file.stat().st_mtime_ns
+    # The same path again: the digest index answers, nothing is read twice.
+    load_image_dataset("cifar100", root=str(tmp_path / "a"), cache_dir=str(cache))
+    assert len(count_hashing) == 2
+
+    second = load_image_dataset("cifar100", root=str(tmp_path / "b"), cache_dir=str(cache))
+    assert len(count_hashing) == 4  # new paths are hashed once...
+    assert f"decoded cache {cache_file}" in second.source  # ...and hit the same cache file
+    assert list(cache.glob("*.pt")) == [cache_file]
+    assert cache_file.stat().st_mtime_ns == mtime  # not rewritten
+    assert torch.equal(second.train.images, written["train"][0].permute(0, 3, 1, 2))
+    assert torch.equal(second.test.labels, first.test.labels)
+    # Nothing was written beside the data.
+    assert sorted(p.name for p in (tmp_path / "b" / "cifar100" / "cifar100").iterdir()) == files_b
+
+
+def _corrupt(cache_file: Path, how: str, other: Path | None = None) -> None:
+    if how == "truncated":
+        data = cache_file.read_bytes()
+        cache_file.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        cache_file.write_bytes(os.urandom(cache_file.stat().st_size))
+    elif how == "other_source":  # a valid cache file, but of other data
+        assert other is not None
+        shutil.copyfile(other, cache_file)
+    else:  # a valid torch file whose tensors were altered, its checksum left as it was
+        payload = torch.load(cache_file, weights_only=True)
+        name = {"wrong_shape": "train_images", "altered_pixels": "train_images",
+                "altered_ids": "ids_train"}[how]
+        if how == "wrong_shape":
+            payload[name] = payload[name][:, :, :16].contiguous()
+        else:
+            payload[name][0] ^= 1
+        torch.save(payload, cache_file)
+
+
+@pytest.mark.parametrize(
+    "how", ["truncated", "garbage", "wrong_shape", "altered_pixels", "other_source"])
+def test_corrupt_cache_is_detected_and_rebuilt(tmp_path: Path, how: str) -> None:
+    written = write_cifar100(tmp_path / "data")
     root, cache = str(tmp_path / "data"), tmp_path / "cache"
     first = load_image_dataset("cifar100", root=root, cache_dir=str(cache))
     (cache_file,) = cache.glob("cifar100-*.pt")
-    cache_file.write_bytes(b"not a torch file")
-    second = load_image_dataset("cifar100", root=root, cache_dir=str(cache))
-    assert "decoded cache" not in second.source
+    other = None
+    if how == "other_source":
+        write_cifar100(tmp_path / "small", n_train=8, n_test=4)
+        load_image_dataset("cifar100", root=str(tmp_path / "small"), cache_dir=str(tmp_path / "c2"))
+        (other,) = (tmp_path / "c2").glob("cifar100-*.pt")
+    _corrupt(cache_file, how, other)
+
+    with pytest.warns(RuntimeWarning, match="corrupt or mismatched cache file") as record:
+        second = load_image_dataset("cifar100", root=root, cache_dir=str(cache))
+    assert str(cache_file) in str(record[0].message)
+    assert record[0].filename == __file__  # points at the caller
+    assert "decoded cache" not in second.source  # decoded afresh...
     third = load_image_dataset("cifar100", root=root, cache_dir=str(cache))
-    assert "decoded cache" in third.source
-    assert torch.equal(first.train.images, third.train.images)
-    assert torch.equal(first.test.labels, third.test.labels)
+    assert "decoded cache" in third.source  # ...and the cache rewritten
+    for ds in (second, third):
+        assert torch.equal(ds.train.images, first.train.images)
+        assert torch.equal(ds.train.images, written["train"][0].permute(0, 3, 1, 2))
+        assert torch.equal(ds.test.images, first.test.images)
+        assert torch.equal(ds.test.labels, first.test.labels)
+    assert list(cache.glob("cifar100-*.pt")) == [cache_file]
+
+
+def test_file_digest_index_rehashes_changed_files(
+    tmp_path: Path, count_hashing: list[Path]
+) -> None:
+    f, cache = tmp_path / "data" / "x.parquet", tmp_path / "cache"
+    f.parent.mkdir()
+    f.write_bytes(b"a" * 1000)
+    assert file_digests([f], cache) == {f: hashlib.sha256(b"a" * 1000).hexdigest()}
+    assert (cache / DIGEST_INDEX).is_file() and not (f.parent / DIGEST_INDEX).exists()
+    file_digests([f], cache)
+    assert count_hashing == [f]  # unchanged: from the index
+    # Same size, and the mtime put back: still noticed (ctime), so hashed again.
+    st = f.stat()
+    f.write_bytes(b"b" * 1000)
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (f.stat().st_size, f.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    assert file_digests([f], cache) == {f: hashlib.sha256(b"b" * 1000).hexdigest()}
+    # A damaged index, or none at all (unwritable folder), only costs hashing again.
+    (cache / DIGEST_INDEX).write_text("{not json")
+    assert file_digests([f], cache) == {f: hashlib.sha256(b"b" * 1000).hexdigest()}
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where the cache folder should be")
+    assert file_digests([f], blocker / "cache") == {f: hashlib.sha256(b"b" * 1000).hexdigest()}
+    assert len(count_hashing) == 4
 
 
 def test_changed_source_file_misses_cache(tmp_path: Path) -> None:
@@ -241,6 +353,66 @@ def test_shape_mismatch_is_reported(tmp_path: Path) -> None:
     write_cifar100(tmp_path / "data", gray=True)
     with pytest.raises(ValueError, match=r"registry says \(3, 32, 32\)"):
         load_image_dataset("cifar100", root=str(tmp_path / "data"), cache_dir=str(tmp_path / "c"))
+
+
+# --------------------------------------------------------------------------------------------
+# The word tokeniser's cache (grape_dist.data.text), on WikiText files in the hub's schema
+
+WIKI_TRAIN = ["", " = Title = \n", "", " the cat sat on the mat . \n", " the dog sat . \n"]
+WIKI_VALID = ["", " the bird sat on the cat . \n"]
+
+
+def write_wikitext103(root: Path) -> Path:
+    """<root>/wikitext/wikitext-103-raw-v1/{train,validation}-00000-of-00001.parquet, one
+    string column `text`, written by `datasets` as the hub repo Salesforce/wikitext has them."""
+    import datasets
+
+    folder = root / "wikitext" / "wikitext-103-raw-v1"
+    folder.mkdir(parents=True)
+    features = datasets.Features({"text": datasets.Value("string")})
+    for split, rows in (("train", WIKI_TRAIN), ("validation", WIKI_VALID)):
+        datasets.Dataset.from_dict({"text": rows}, features=features).to_parquet(
+            str(folder / f"{split}-00000-of-00001.parquet"))
+    return folder
+
+
+def test_word_cache_is_keyed_by_content_not_path(tmp_path: Path) -> None:
+    write_wikitext103(tmp_path / "orig")
+    shutil.copytree(tmp_path / "orig", tmp_path / "a", copy_function=shutil.copyfile)
+    shutil.copytree(tmp_path / "orig", tmp_path / "b", copy_function=shutil.copyfile)
+    cache = tmp_path / "cache"
+    first = load_text_dataset("wikitext103", tmp_path / "a", 4, "word", 8, cache_dir=cache)
+    (cache_file,) = cache.glob("wikitext103-word8-*.pt")
+    mtime = cache_file.stat().st_mtime_ns
+    second = load_text_dataset("wikitext103", tmp_path / "b", 4, "word", 8, cache_dir=cache)
+    assert "word cache" not in first.source and f"word cache {cache_file}" in second.source
+    assert list(cache.glob("*.pt")) == [cache_file] and cache_file.stat().st_mtime_ns == mtime
+    assert second.tokenizer.vocab == first.tokenizer.vocab
+    assert torch.equal(second.train_x, first.train_x) and torch.equal(second.test_y, first.test_y)
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "altered_ids", "other_source"])
+def test_corrupt_word_cache_is_detected_and_rebuilt(tmp_path: Path, how: str) -> None:
+    write_wikitext103(tmp_path / "data")
+    cache = tmp_path / "cache"
+    first = load_text_dataset("wikitext103", tmp_path / "data", 4, "word", 8, cache_dir=cache)
+    (cache_file,) = cache.glob("wikitext103-word8-*.pt")
+    other = None
+    if how == "other_source":  # the cache of another vocabulary size, renamed over this one
+        load_text_dataset("wikitext103", tmp_path / "data", 4, "word", 6, cache_dir=cache)
+        (other,) = cache.glob("wikitext103-word6-*.pt")
+    _corrupt(cache_file, how, other)
+
+    with pytest.warns(RuntimeWarning, match="corrupt or mismatched cache file") as record:
+        second = load_text_dataset("wikitext103", tmp_path / "data", 4, "word", 8,
+                                   cache_dir=cache)
+    assert str(cache_file) in str(record[0].message) and record[0].filename == __file__
+    third = load_text_dataset("wikitext103", tmp_path / "data", 4, "word", 8, cache_dir=cache)
+    assert "word cache" not in second.source and "word cache" in third.source
+    for ds in (second, third):
+        assert ds.tokenizer.vocab == first.tokenizer.vocab
+        for name in ("train_x", "train_y", "test_x", "test_y"):
+            assert torch.equal(getattr(ds, name), getattr(first, name)), name
 
 
 # --------------------------------------------------------------------------------------------

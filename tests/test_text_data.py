@@ -169,7 +169,9 @@ def test_wikitext_words_vocabulary_from_train_only_and_cached(tmp_path: Path) ->
     load_text_dataset("wikitext103", tmp_path / "data", 4, "word", 5, cache_dir=cache)
     assert len(list(cache.glob("wikitext103-word*.pt"))) == 2
     cache_file.write_bytes(b"not a torch file")
-    rebuilt = load_text_dataset("wikitext103", tmp_path / "data", 4, "word", 8, cache_dir=cache)
+    with pytest.warns(RuntimeWarning, match="cache"):
+        rebuilt = load_text_dataset("wikitext103", tmp_path / "data", 4, "word", 8,
+                                    cache_dir=cache)
     assert "word cache" not in rebuilt.source and torch.equal(rebuilt.train_x, ds.train_x)
     # Other training text is another cache entry, with its own vocabulary.
     write_wikitext(tmp_path / "other", train=[" bird bird cat \n"] * 9)

@@ -4,24 +4,32 @@
   (``$GRAPE_CACHE_DIR``, else ``~/.cache/grape_dist``);
 - reading local parquet through ``datasets`` with the hub switched off, and a quick check that
   the hub is reachable before ``datasets`` would spend ~20 s retrying;
-- a file lock so concurrent ranks on one machine build a cache once, and atomic cache writes.
+- a file lock so concurrent ranks on one machine build a cache once, and atomic cache writes;
+- cache keys from the source files' content (SHA-256), not their location, so every clone or
+  mount of the same files shares one cache entry, and a checksum inside each cache file so a
+  corrupt or tampered one is rebuilt rather than trusted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import socket
+import sys
 import tempfile
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 import torch
+
+from grape_dist.errors import DataError, StartupError
 
 logger = logging.getLogger(__name__)
 
@@ -35,8 +43,20 @@ _TRUE_VALUES = frozenset({"1", "true", "yes", "on"})
 _warned_cache_dirs: set[str] = set()
 
 
-class DatasetUnavailableError(RuntimeError):
+class DatasetUnavailableError(StartupError, RuntimeError):
     """No local copy of the dataset was found and the hub cannot be used."""
+
+
+class DatasetFormatError(DataError, ValueError):
+    """A dataset file lacks the columns its registry entry names (not the hub's export)."""
+
+
+def silence_progress_bars() -> None:
+    """No `datasets` progress bars ("Generating train split"): for --quiet, and for every rank
+    but 0, whose bars would repeat rank 0's."""
+    os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = "1"  # read when datasets is imported
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
 
 
 def resolve_root(root: str | os.PathLike[str] | None) -> tuple[Path | None, str]:
@@ -72,14 +92,109 @@ def find_split_files(folder: Path, train: str, evaluated: str) -> dict[str, list
     return files
 
 
-def file_stats(files: dict[str, list[Path]]) -> list[list[Any]]:
-    """(split, path, size, mtime) of each file: the cache key of data read from local files."""
+def content_key(files: dict[str, list[Path]], cache_dir: Path) -> list[list[Any]]:
+    """(split, position, base name, SHA-256 of the bytes) of each file: the cache key of data
+    read from local files.
+
+    Content rather than (path, mtime), so two clones of the data, or one read-only copy mounted
+    at several paths, map to one cache entry instead of one each. Position and name keep the
+    shards' order, which the decoded tensors follow. Digests come through the index in
+    ``cache_dir`` (see :func:`file_digests`), so repeat starts do not re-read the files.
+    """
+    digests = file_digests([p for paths in files.values() for p in paths], cache_dir)
     return [
-        [split, str(p.resolve()), st.st_size, st.st_mtime_ns]
+        [split, i, p.name, digests[p]]
         for split, paths in files.items()
-        for p in paths
-        for st in [p.stat()]
+        for i, p in enumerate(paths)
     ]
+
+
+# The side index: absolute path -> (stat stamp, sha256). Only an accelerator: cache names are
+# made from the digests, never from the paths.
+DIGEST_INDEX = "file-digests.json"
+_HASH_CHUNK = 1 << 20
+
+
+def file_digests(paths: Sequence[Path], cache_dir: Path) -> dict[Path, str]:
+    """The SHA-256 (hex) of each file's bytes, read from ``<cache_dir>/file-digests.json`` when
+    the file's stat stamp is unchanged since it was hashed, else computed and recorded there.
+
+    Nothing is ever written beside the data (it may be read-only); an unwritable cache folder
+    only means hashing again next time. The lock makes concurrent ranks hash once.
+    """
+    index_path = cache_dir / DIGEST_INDEX
+    with cache_lock(index_path):
+        index = _read_digest_index(index_path)
+        out: dict[Path, str] = {}
+        changed = False
+        for p in paths:
+            name, stamp = str(p.resolve()), _stat_stamp(p)
+            entry = index.get(name)
+            if isinstance(entry, dict) and entry.get("stat") == stamp and _is_sha256(
+                entry.get("sha256")
+            ):
+                out[p] = entry["sha256"]
+                continue
+            out[p] = sha256_file(p)
+            index[name] = {"stat": stamp, "sha256": out[p]}
+            changed = True
+        if changed:
+            _write_digest_index(index_path, index)
+    return out
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stat_stamp(path: Path) -> list[int]:
+    # ctime and inode besides size and mtime: `touch -d`/`os.utime` can put an mtime back, and
+    # a file replaced by a rename has another inode; either way the file is hashed again.
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(
+        c in "0123456789abcdef" for c in value
+    )
+
+
+def _read_digest_index(path: Path) -> dict[str, Any]:
+    try:
+        index = json.loads(path.read_text())
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:  # a damaged index only costs re-hashing
+        logger.debug("ignoring unreadable digest index %s: %s", path, exc)
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _write_digest_index(path: Path, index: dict[str, Any]) -> None:
+    # Entries of files that are gone (deleted clones, temp folders) are dropped so the index
+    # does not grow without bound; one on an unmounted disk is merely hashed again later.
+    kept = {name: entry for name, entry in index.items() if os.path.exists(name)}
+    tmp: str | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(kept, f, indent=1, sort_keys=True)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:  # the data is still loaded; save_cache warns about the folder
+        logger.debug("cannot write digest index %s: %s", path, exc)
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
 
 def import_datasets() -> Any:
@@ -189,16 +304,20 @@ def cache_lock(cache_path: Path) -> Iterator[None]:
         lock.release()
 
 
-def save_cache(path: Path, payload: dict[str, Any], stacklevel: int) -> None:
+def save_cache(path: Path, payload: dict[str, Any], key: Any, stacklevel: int) -> None:
     """``torch.save`` to a temp file in the same folder, then rename: readers never see a
-    half-written file. A failure only warns, once per folder (the data is still returned, just
-    not cached); ``stacklevel`` is as for ``warnings.warn`` called in save_cache's caller."""
+    half-written file. ``key`` (what the file name was made from) and a checksum of everything
+    are stored with the payload, for :func:`load_cache` to verify. A failure only warns, once
+    per folder (the data is still returned, just not cached); ``stacklevel`` is as for
+    ``warnings.warn`` called in save_cache's caller."""
+    stored = {**payload, "key": _plain(key)}
+    stored["sha256"] = payload_digest(stored)
     tmp: str | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            torch.save(stored, f)
         os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
         os.replace(tmp, path)
         tmp = None
@@ -208,6 +327,64 @@ def save_cache(path: Path, payload: dict[str, Any], stacklevel: int) -> None:
         if tmp is not None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+
+
+def load_cache(path: Path, key: Any) -> dict[str, Any]:
+    """The payload :func:`save_cache` wrote to ``path`` for ``key``, checked.
+
+    Raises (any exception: a truncated file fails inside torch.load) when the file is not a
+    torch file, lacks the checksum, fails it, or was written for another key (a file copied
+    or renamed from another entry); the caller then rebuilds it and calls
+    :func:`warn_bad_cache`. Callers still check types and shapes: the checksum proves the
+    bytes are as written, not that what was written is right for today's code.
+    """
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated, garbage, not a zip: torch's messages run long
+        logger.debug("torch.load(%s) failed: %s", path, exc)
+        raise ValueError(f"not a readable torch file: {type(exc).__name__}") from exc
+    if not isinstance(payload, dict) or "sha256" not in payload:
+        raise ValueError("no checksum (not a grape_dist cache file)")
+    stored = payload.pop("sha256")
+    if payload_digest(payload) != stored:
+        raise ValueError("checksum mismatch (the file was altered or damaged)")
+    if payload.pop("key", None) != _plain(key):
+        raise ValueError("written for other source data")
+    return payload
+
+
+def warn_bad_cache(path: Path, exc: BaseException, stacklevel: int) -> None:
+    """Say that the cache file ``path`` is being ignored and rebuilt; ``stacklevel`` as for
+    ``warnings.warn`` called in warn_bad_cache's caller."""
+    reason = (str(exc).strip().splitlines() or [""])[0][:200]  # keep it to one line
+    warnings.warn(
+        f"grape_dist: ignoring corrupt or mismatched cache file {path} ({reason}); "
+        "rebuilding it",
+        RuntimeWarning,
+        stacklevel=stacklevel + 1,
+    )
+
+
+def payload_digest(payload: Mapping[str, Any]) -> str:
+    """SHA-256 over a cache payload: each entry's name, then a tensor's dtype, shape and bytes
+    or any other value's JSON. ~20 ms per 50 MB, small next to reading the file."""
+    h = hashlib.sha256()
+    for name in sorted(payload):
+        value = payload[name]
+        h.update(name.encode() + b"\0")
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{t.dtype}{tuple(t.shape)}\0".encode())
+            h.update(t.numpy())  # the tensor's memory, no copy
+        else:
+            h.update(json.dumps(value, sort_keys=True).encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _plain(value: Any) -> Any:
+    # What torch.load gives back for a key: JSON types only (tuples become lists).
+    return json.loads(json.dumps(value, sort_keys=True))
 
 
 def _warn_cache_once(cache_dir: Path, what: str, exc: BaseException, stacklevel: int) -> None:

@@ -10,7 +10,8 @@ Where the data comes from, in order:
 
 Every path goes through ``datasets.load_dataset``. Decoding tens of thousands of PNG/JPEG images
 takes seconds, so the decoded tensors are cached as a ``.pt`` file keyed by the source files'
-(path, size, mtime) or by the hub id.
+content (SHA-256; not their path, so every copy of the data shares one cache file) or by the hub
+id. The file carries a checksum: a damaged one is decoded again, with a warning.
 """
 
 from __future__ import annotations
@@ -32,16 +33,19 @@ from grape_dist.data.access import (
     CACHE_DIR_ENV,
     DATA_DIR_ENV,
     DEFAULT_CACHE_DIR,
+    DatasetFormatError,
     DatasetUnavailableError,
     cache_lock,
-    file_stats,
+    content_key,
     find_split_files,
     hub_unreachable_reason,
     import_datasets,
+    load_cache,
     offline,
     resolve_cache_dir,
     resolve_root,
     save_cache,
+    warn_bad_cache,
 )
 from grape_dist.data.sources import DatasetSource, get_source
 
@@ -63,7 +67,8 @@ EMBEDDED_ROOT = Path(__file__).resolve().parent / "embedded"
 EMBEDDED_DATASETS = frozenset({"mnist"})
 
 # Bump whenever decoding or the cached layout changes, so old cache files stop matching.
-_CACHE_FORMAT = 1
+# 2: keyed by content, with the key and a checksum stored inside.
+_CACHE_FORMAT = 2
 _GRAY_MODES = frozenset({"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _COLOUR_MODES = frozenset({"RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
 
@@ -156,7 +161,7 @@ def _load_local(
     cache_root: Path,
 ) -> ImageDataset:
     described = f"parquet files in {folder} ({origin})"
-    cache_path = _cache_path(cache_root, src, {"files": file_stats(files)})
+    cache_path, key = _cache_path(cache_root, src, {"files": content_key(files, cache_root)})
 
     def fetch() -> Any:
         datasets = import_datasets()
@@ -165,12 +170,12 @@ def _load_local(
         with offline(datasets):
             return datasets.load_dataset("parquet", data_files=data_files)
 
-    return _load_cached_or_decode(src, cache_path, described, fetch)
+    return _load_cached_or_decode(src, cache_path, key, described, fetch)
 
 
 def _load_hub(src: DatasetSource, looked: list[str], cache_root: Path) -> ImageDataset:
     described = f"hub dataset {src.hub_id}"
-    cache_path = _cache_path(cache_root, src, {"hub_id": src.hub_id})
+    cache_path, key = _cache_path(cache_root, src, {"hub_id": src.hub_id})
 
     def fetch() -> Any:
         datasets = import_datasets()
@@ -184,15 +189,19 @@ def _load_hub(src: DatasetSource, looked: list[str], cache_root: Path) -> ImageD
                 _unavailable_message(src, looked, f"loading {src.hub_id} failed: {exc}")
             ) from exc
 
-    return _load_cached_or_decode(src, cache_path, described, fetch)
+    return _load_cached_or_decode(src, cache_path, key, described, fetch)
 
 
 def _load_cached_or_decode(
-    src: DatasetSource, cache_path: Path, described: str, fetch: Callable[[], Any]
+    src: DatasetSource,
+    cache_path: Path,
+    key: dict[str, Any],
+    described: str,
+    fetch: Callable[[], Any],
 ) -> ImageDataset:
     # The lock makes concurrent ranks on one machine decode once and read the cache after.
     with cache_lock(cache_path):
-        cached = _read_cache(cache_path, src)
+        cached = _read_cache(cache_path, key, src)
         if cached is not None:
             train, test = cached
             return _make_dataset(src, train, test, f"{described}, decoded cache {cache_path}")
@@ -208,7 +217,7 @@ def _load_cached_or_decode(
             len(test),
             time.perf_counter() - start,
         )
-        _write_cache(cache_path, train, test)  # a failure only warns
+        _write_cache(cache_path, key, train, test)  # a failure only warns
         return _make_dataset(src, train, test, described)
 
 
@@ -245,8 +254,10 @@ def _decode_split(ds: Any, src: DatasetSource, split: str) -> Split:
     """Decode one ``datasets.Dataset`` split into uint8 N x C x H x W plus int64 labels."""
     for column in (src.image_column, src.label_column):
         if column not in ds.column_names:
-            raise ValueError(
-                f"{src.name} {split}: no column {column!r} (columns: {ds.column_names})"
+            raise DatasetFormatError(
+                f"{src.name} {split}: no column {column!r} (columns: {ds.column_names}); the "
+                f"files must be the hub's parquet export of {src.hub_id}: check data.root or "
+                f"${DATA_DIR_ENV}"
             )
     # Read the stored bytes rather than letting the Image feature decode: measured ~25% faster
     # (no per-row PIL object round trip through datasets' formatting), same pixels.
@@ -341,7 +352,10 @@ def _labels(column: Any, src: DatasetSource, split: str) -> torch.Tensor:
 # Cache of decoded tensors
 
 
-def _cache_path(cache_root: Path, src: DatasetSource, origin: dict[str, Any]) -> Path:
+def _cache_path(
+    cache_root: Path, src: DatasetSource, origin: dict[str, Any]
+) -> tuple[Path, dict[str, Any]]:
+    """(cache file, the key its name is a digest of); the key is also stored inside."""
     key = {
         "format": _CACHE_FORMAT,
         "name": src.name,
@@ -350,14 +364,14 @@ def _cache_path(cache_root: Path, src: DatasetSource, origin: dict[str, Any]) ->
         **origin,
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
-    return cache_root / f"{src.name}-{digest}.pt"
+    return cache_root / f"{src.name}-{digest}.pt", key
 
 
-def _read_cache(path: Path, src: DatasetSource) -> tuple[Split, Split] | None:
+def _read_cache(path: Path, key: dict[str, Any], src: DatasetSource) -> tuple[Split, Split] | None:
     if not path.is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_cache(path, key)  # checksum and key
         if payload.get("format") != _CACHE_FORMAT:
             raise ValueError(f"cache format {payload.get('format')!r} != {_CACHE_FORMAT}")
         splits = []
@@ -376,12 +390,14 @@ def _read_cache(path: Path, src: DatasetSource) -> tuple[Split, Split] | None:
                 raise ValueError(f"unexpected {split} tensors")
             splits.append(Split(images=images, labels=labels))
     except Exception as exc:  # any unreadable cache is just decoded again
-        logger.warning("ignoring unreadable dataset cache %s: %s", path, exc)
+        # Warnings point at the caller of load_image_dataset: _read_cache,
+        # _load_cached_or_decode, _load_local / _load_hub, load_image_dataset, then the caller.
+        warn_bad_cache(path, exc, stacklevel=5)
         return None
     return splits[0], splits[1]
 
 
-def _write_cache(path: Path, train: Split, test: Split) -> None:
+def _write_cache(path: Path, key: dict[str, Any], train: Split, test: Split) -> None:
     payload = {
         "format": _CACHE_FORMAT,
         "train_images": train.images,
@@ -391,4 +407,4 @@ def _write_cache(path: Path, train: Split, test: Split) -> None:
     }
     # Warnings point at the caller of load_image_dataset: _write_cache, _load_cached_or_decode,
     # _load_local / _load_hub, load_image_dataset, then the caller.
-    save_cache(path, payload, stacklevel=5)
+    save_cache(path, payload, key, stacklevel=5)

@@ -24,7 +24,8 @@ data is read, because every rank builds the model first:
   the training split, by count then by code point order (so every rank builds the same one);
   every other word is ``<unk>``. Counting WikiText-103's 103 M words takes a while, so the
   vocabulary and the encoded splits are cached beside the decoded images
-  (``$GRAPE_CACHE_DIR``), keyed by the source files' (path, size, mtime) or the hub id.
+  (``$GRAPE_CACHE_DIR``), keyed by the source files' content (SHA-256, not their path) or the
+  hub id, with a checksum inside: a damaged cache file is rebuilt, with a warning.
 
 Rows of a parquet corpus become text by ending each row with ``"\\n"`` unless it already ends
 with one (the hub's WikiText rows do, blank rows are empty) for ``char`` and ``byte``; ``word``
@@ -51,16 +52,19 @@ import torch
 
 from grape_dist.data.access import (
     DATA_DIR_ENV,
+    DatasetFormatError,
     DatasetUnavailableError,
     cache_lock,
-    file_stats,
+    content_key,
     find_split_files,
     hub_unreachable_reason,
     import_datasets,
+    load_cache,
     offline,
     resolve_cache_dir,
     resolve_root,
     save_cache,
+    warn_bad_cache,
 )
 
 logger = logging.getLogger(__name__)
@@ -72,7 +76,8 @@ UNK, EOS = "<unk>", "<eos>"
 UNK_ID, EOS_ID = 0, 1
 
 # Bump whenever tokenisation or the cached layout changes, so old cache files stop matching.
-_CACHE_FORMAT = 1
+# 2: keyed by content, with the key and a checksum stored inside.
+_CACHE_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -351,7 +356,9 @@ class _Corpus:
     """A corpus found but not read yet."""
 
     described: str  # where it is, for messages and TextDataset.source
-    key: dict[str, Any]  # what identifies its content, for the cache
+    # What identifies its content, for the cache, given the cache folder (which holds the
+    # file-digest index). Lazy: only the word tokeniser caches, so only it pays for hashing.
+    key: Callable[[Path], dict[str, Any]]
     read: Callable[[], dict[str, Any]]  # split -> str (plain text) or rows (pyarrow strings)
 
 
@@ -424,7 +431,10 @@ def _plain_text_corpus(src: TextSource, base: Path | None) -> _Corpus:
     def read() -> dict[str, Any]:
         return {split: p.read_text(encoding="utf-8") for split, p in paths.items()}
 
-    return _Corpus(str(folder), {"files": file_stats({s: [p] for s, p in paths.items()})}, read)
+    def key(cache_root: Path) -> dict[str, Any]:
+        return {"files": content_key({s: [p] for s, p in paths.items()}, cache_root)}
+
+    return _Corpus(str(folder), key, read)
 
 
 def _local_parquet_corpus(src: TextSource, folder: Path, origin: str,
@@ -436,7 +446,10 @@ def _local_parquet_corpus(src: TextSource, folder: Path, origin: str,
             dsd = datasets.load_dataset("parquet", data_files=data_files)
         return _text_columns(src, dsd)
 
-    return _Corpus(f"parquet files in {folder} ({origin})", {"files": file_stats(files)}, read)
+    def key(cache_root: Path) -> dict[str, Any]:
+        return {"files": content_key(files, cache_root)}
+
+    return _Corpus(f"parquet files in {folder} ({origin})", key, read)
 
 
 def _hub_corpus(src: TextSource, looked: list[str]) -> _Corpus:
@@ -454,7 +467,9 @@ def _hub_corpus(src: TextSource, looked: list[str]) -> _Corpus:
                 src, looked, f"loading {src.hub_id} ({src.hub_config}) failed: {exc}")) from exc
         return _text_columns(src, dsd)
 
-    key = {"hub_id": src.hub_id, "config": src.hub_config}
+    def key(cache_root: Path) -> dict[str, Any]:
+        return {"hub_id": src.hub_id, "config": src.hub_config}
+
     return _Corpus(f"hub dataset {src.hub_id} ({src.hub_config})", key, read)
 
 
@@ -463,8 +478,10 @@ def _text_columns(src: TextSource, dsd: Any) -> dict[str, Any]:
     for split in ("train", src.eval_split):
         ds = dsd[split]
         if src.text_column not in ds.column_names:
-            raise ValueError(f"{src.name} {split}: no column {src.text_column!r} "
-                             f"(columns: {ds.column_names})")
+            raise DatasetFormatError(
+                f"{src.name} {split}: no column {src.text_column!r} (columns: "
+                f"{ds.column_names}); the files must be the hub's parquet export of "
+                f"{src.hub_id}: check data.root or ${DATA_DIR_ENV}")
         out[split] = ds.select_columns([src.text_column]).with_format("arrow")[:].column(0)
     return out
 
@@ -488,13 +505,13 @@ def _unavailable_message(src: TextSource, looked: list[str], reason: str) -> str
 def _word_ids(src: TextSource, corpus: _Corpus, vocab_size: int,
               cache_root: Path) -> tuple[WordTokenizer, dict[str, torch.Tensor], str]:
     key = {"format": _CACHE_FORMAT, "name": src.name, "tokenizer": "word",
-           "vocab_size": vocab_size, "eval_split": src.eval_split, **corpus.key}
+           "vocab_size": vocab_size, "eval_split": src.eval_split, **corpus.key(cache_root)}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
     path = cache_root / f"{src.name}-word{vocab_size}-{digest}.pt"
     splits = ("train", src.eval_split)
     # The lock makes concurrent ranks on one machine count once and read the cache after.
     with cache_lock(path):
-        cached = _read_word_cache(path, vocab_size, splits)
+        cached = _read_word_cache(path, key, vocab_size, splits)
         if cached is not None:
             tok, ids = cached
             return tok, ids, f"{corpus.described}, word cache {path}"
@@ -517,7 +534,7 @@ def _word_ids(src: TextSource, corpus: _Corpus, vocab_size: int,
         payload = {"format": _CACHE_FORMAT, "vocab": tok.vocab,
                    **{f"ids_{s}": ids[s].to(torch.int32) for s in splits}}
         # Warnings point at load_text_dataset's caller (_word_ids is 1 frame up).
-        save_cache(path, payload, stacklevel=3)
+        save_cache(path, payload, key, stacklevel=3)
         return tok, ids, corpus.described
 
 
@@ -527,12 +544,12 @@ def _lines(text: str) -> Any:
     return pa.array(text.splitlines(), type=pa.large_string())
 
 
-def _read_word_cache(path: Path, vocab_size: int, splits: Sequence[str]
+def _read_word_cache(path: Path, key: dict[str, Any], vocab_size: int, splits: Sequence[str]
                      ) -> tuple[WordTokenizer, dict[str, torch.Tensor]] | None:
     if not path.is_file():
         return None
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_cache(path, key)  # checksum and key
         if payload.get("format") != _CACHE_FORMAT:
             raise ValueError(f"cache format {payload.get('format')!r} != {_CACHE_FORMAT}")
         vocab = payload["vocab"]
@@ -546,6 +563,8 @@ def _read_word_cache(path: Path, vocab_size: int, splits: Sequence[str]
                 raise ValueError(f"unexpected {s} ids")
             ids[s] = t.to(torch.int64)
     except Exception as exc:  # any unreadable cache is just built again
-        logger.warning("ignoring unreadable word cache %s: %s", path, exc)
+        # Warnings point at load_text_dataset's caller: _read_word_cache, _word_ids,
+        # load_text_dataset, then the caller.
+        warn_bad_cache(path, exc, stacklevel=4)
         return None
     return tok, ids

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,23 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# What marks a folder as holding a run, and what --overwrite removes.
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+RUN_FOLDERS = ("checkpoints", "final_state", "tensorboard")
+
+
+def held_run_files(out: str | Path) -> list[str]:
+    """The names in `out` that belong to a run (empty: no run there)."""
+    return [name for name in (*RUN_FILES, *RUN_FOLDERS) if (Path(out) / name).exists()]
+
+
+def clear_run(out: str | Path) -> None:
+    """Remove the run in `out` (--overwrite); other files there are left alone."""
+    for name in held_run_files(out):
+        path = Path(out) / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 class RunWriter:

@@ -28,7 +28,7 @@ import json
 import os
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from ..errors import StartupError
 from ..metrics.writer import atomic_write_text
 from .stage import Stage
 
@@ -45,8 +46,11 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, corrupted or does not fit this run."""
+class CheckpointError(StartupError, RuntimeError):
+    """A checkpoint is missing, incomplete, corrupted or does not fit this run (raised while
+    resuming, before the first step)."""
+
+    prefix = "error: cannot resume"
 
 
 def _distributed() -> bool:
@@ -132,8 +136,11 @@ def checkpoint_name(step: int) -> str:
 
 
 def save_checkpoint(run_dir: str | Path, stages: list[Stage], rank: int, step: int,
-                    manifest: dict[str, Any], keep: int = 2) -> Path:
-    """Collective: every rank calls it with its stages. Returns the checkpoint folder."""
+                    manifest: dict[str, Any], keep: int = 2,
+                    before_commit: Callable[[], None] | None = None) -> Path:
+    """Collective: every rank calls it with its stages. Returns the checkpoint folder.
+    `before_commit` runs once the shards are written, before the manifest and the rename
+    (where fault injection kills a rank mid-save)."""
     root = Path(run_dir) / FOLDER
     final = root / checkpoint_name(step)
     partial = root / (final.name + ".partial")
@@ -151,6 +158,8 @@ def save_checkpoint(run_dir: str | Path, stages: list[Stage], rank: int, step: i
         state[f"rng.{rank}.cuda"] = torch.cuda.get_rng_state()
     with _quiet_dcp():
         dcp.save(state, checkpoint_id=partial, no_dist=not _distributed())
+    if before_commit is not None:
+        before_commit()
     _barrier()
     if rank == 0:
         files = {p.name: _describe(p) for p in sorted(partial.iterdir()) if p.is_file()}
@@ -291,8 +300,11 @@ def check_resumable(manifest: dict[str, Any], cfg: Any, world_size: int, layout:
     from ..config import to_dict
 
     if manifest["world_size"] != world_size:
-        raise CheckpointError(f"the checkpoint was written by {manifest['world_size']} ranks, "
-                              f"this run has {world_size}: resume with the same world size")
+        n = manifest["world_size"]
+        raise CheckpointError(f"the checkpoint was written by {n} rank{'s' * (n != 1)}, this run "
+                              f"has {world_size}: resume with the same world size ("
+                              + ("one process, no torchrun)" if n == 1 else
+                                 f"torchrun --nproc_per_node={n} or as many ranks over nodes)"))
     if (manifest["pp"], manifest["dp"]) != (layout.pp, layout.dp):
         raise CheckpointError(f"the checkpoint's mesh is pp={manifest['pp']} x "
                               f"dp={manifest['dp']}, this run's pp={layout.pp} x dp={layout.dp}")

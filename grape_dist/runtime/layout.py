@@ -12,10 +12,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Config
+from ..errors import StartupError
 
 
-class LayoutError(ValueError):
+class LayoutError(StartupError, ValueError):
     """The requested mesh, split or schedule does not fit the world size or the model."""
+
+    prefix = "config error"
 
 
 # Stages per pipeline position, and their placement, for each schedule.
