@@ -42,7 +42,7 @@ class Result:
     fault: str
     how: str
     outcome: str
-    detect_s: float | None
+    detect_s: float | str | None  # seconds, or when it was detected
     work_lost: str
 
 
@@ -180,6 +180,7 @@ def drill(work: Path, nproc: int, timeout_s: int) -> list[Result]:
     results.append(Result("NaN/Inf in the weights", "optim.lr=1e30 (SGD)",
                           f"{job.exit_codes(rc)}; `{one_line(job, 'non-finite')[:70]}…`", None,
                           "the steps since the last checkpoint (none here)"))
+    results[-1].detect_s = "the same step"
 
     # Damaged checkpoint files: refused on resume, naming the file.
     for how in ("flip", "truncate"):
@@ -197,14 +198,30 @@ def drill(work: Path, nproc: int, timeout_s: int) -> list[Result]:
                               f"{job.exit_codes(rc)}; `{one_line(job, 'cannot resume')[:90]}…`",
                               None,
                               "nothing trained; the file is named"))
+        results[-1].detect_s = "on resume, before loading"
+
+    # A damaged data cache: warned about, rebuilt, the run goes on (needs local parquet data).
+    root = os.environ.get("GRAPE_DATA_DIR")
+    if root and (Path(root) / "mnist").is_dir():
+        env = {"GRAPE_CACHE_DIR": str(work / "cache")}
+        data = ["data.name=mnist", f"data.root={root}", "train.epochs=1"]
+        Job(nproc, [*RUN, *data, "--out", str(work / "cache_first")], env=env).wait()
+        (cached,) = (work / "cache").glob("mnist-*.pt")
+        cached.write_bytes(cached.read_bytes()[:1000])
+        job = Job(nproc, [*RUN, *data, "--out", str(work / "cache_again")], env=env)
+        rc = job.wait()
+        warned = sum("ignoring corrupt" in x for _, x in job.lines)
+        results.append(Result("data cache file truncated", "edited on disk",
+                              f"{job.exit_codes(rc)}; {warned} warning(s) "
+                              f"`{one_line(job, 'ignoring corrupt')[:60]}…`, rebuilt",
+                              "on load", "nothing (the cache is rebuilt in seconds)"))
 
     # Bad input: refused before any rank starts.
     job = Job(nproc, [*RUN, "pipeline.pp=3", "--out", str(work / "bad")])
     rc = job.wait()
     results.append(Result("a mesh that does not fit", "pipeline.pp=3 on 2 ranks",
                           f"{job.exit_codes(rc)}; `{one_line(job, 'config error')[:90]}…`",
-                          None,
-                          "nothing started; --out not created"))
+                          "before any rank joins", "nothing started; --out not created"))
     return results
 
 
@@ -227,7 +244,7 @@ def main() -> None:
           f"--timeout-s {args.timeout_s}")
     print("\n| fault | how | outcome | time to detect | work lost |\n|---|---|---|---|---|")
     for r in results:
-        detect = f"{r.detect_s:.2f} s" if r.detect_s is not None else "at once (same step)"
+        detect = f"{r.detect_s:.2f} s" if isinstance(r.detect_s, float) else r.detect_s or "-"
         print(f"| {r.fault} | {r.how} | {r.outcome} | {detect} | {r.work_lost} |")
     (work / "fault_drill.json").write_text(json.dumps([r.__dict__ for r in results], indent=1))
 

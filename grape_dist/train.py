@@ -32,6 +32,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             check_resumable(read_manifest(resume, verify=False), cfg, world_size, layout)
     except StartupError as exc:
         return refuse(exc, rank, world_size)
+    warnings.formatwarning = _one_line_warning
     logging.basicConfig(level=logging.WARNING if args.quiet or rank else logging.INFO,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.quiet:
@@ -252,6 +254,17 @@ def main(argv: list[str] | None = None) -> int:
         summary["rule"], summary["final_test_accuracy"], summary["best_test_accuracy"], ppl,
         summary["steps"], summary["wall_seconds"])
     return 0
+
+
+_default_formatwarning = warnings.formatwarning
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """Our own warnings (they start with "grape_dist:") as one line, without the source line
+    Python adds; everyone else's as Python formats them."""
+    if str(message).startswith("grape_dist:"):
+        return f"warning: {message}\n"
+    return _default_formatwarning(message, category, filename, lineno, line)
 
 
 def _where(trainer) -> str:
