@@ -11,8 +11,7 @@ import stat
 import time
 
 import pytest
-
-from runs import RUN, TORCHRUN, assert_same_results, launch, run
+from training_runs import RUN, TORCHRUN, assert_same_results, launch, run
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])

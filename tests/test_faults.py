@@ -13,8 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from runs import RUN, TORCHRUN, assert_same_results, run
+from training_runs import RUN, TORCHRUN, assert_same_results, run
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 
