@@ -22,3 +22,20 @@ class UsageError(StartupError):
 class DataError(StartupError):
     """The data does not fit the config (a batch or subset larger than the dataset, a file
     without the expected columns)."""
+
+
+class RankFailures(StartupError):
+    """Start-up checks failed on some ranks (gathered by every rank, so all stop together and
+    rank 0 alone reports): `failures` maps each message to the ranks that hit it."""
+
+    agreed = True  # every rank knows; only rank 0 prints
+
+    def __init__(self, failures: dict[tuple[str, str], list[int]], world_size: int) -> None:
+        (self.prefix, first), ranks = next(iter(failures.items()))
+        if len(failures) == 1 and len(ranks) == world_size:
+            text = first  # the usual case: every rank found the same problem
+        else:
+            text = " | ".join(f"rank{'s' * (len(r) > 1)} {', '.join(map(str, r))}: {msg}"
+                              for (_, msg), r in failures.items())
+        super().__init__(text)
+        self.failures = failures

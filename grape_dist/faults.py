@@ -7,6 +7,8 @@
                                                   it carries on (how restarts are tested)
     GRAPE_FAULT="kill:step=16:at=save"            die while writing the checkpoint of step 16
                                                   (shards written, not yet committed)
+    GRAPE_FAULT="refuse:rank=1"                   rank 1's start-up data check fails (as on a
+                                                  node without the data)
     GRAPE_FAULT="hang:step=20:rank=1"             stop responding (sleep) after step 20: a
                                                   stuck node or a deadlocked rank
 
@@ -24,21 +26,23 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import DataError, UsageError
 
 ENV = "GRAPE_FAULT"
 
 
 @dataclass(frozen=True)
 class Fault:
-    action: str  # exit | kill | hang
+    action: str  # exit | kill | hang | refuse
     step: int
     rank: int | None = None
     once: Path | None = None
-    at: str = "step"  # step (after a training step) | save (inside a checkpoint save)
+    at: str = "step"  # step (after a training step) | save (in a checkpoint save) | start
 
     def due(self, step: int, rank: int, at: str = "step") -> bool:
-        if step != self.step or at != self.at or (self.rank is not None and rank != self.rank):
+        if at != self.at or (self.rank is not None and rank != self.rank):
+            return False
+        if at != "start" and step != self.step:
             return False
         if self.once is not None:
             if self.once.exists():
@@ -47,6 +51,9 @@ class Fault:
         return True
 
     def fire(self) -> None:
+        if self.action == "refuse":
+            raise DataError(f"{ENV}: this rank's data check fails on purpose (a node without "
+                            "the data); unset it")
         if self.action == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         if self.action == "hang":
@@ -61,17 +68,24 @@ class Fault:
 def parse_fault(text: str) -> Fault:
     """`action:key=value:...`; a malformed value is refused (UsageError) naming the variable."""
     action, *parts = text.split(":")
-    if action not in ("exit", "kill", "hang"):
-        raise UsageError(f"{ENV}={text!r}: the action must be exit, kill or hang")
+    if action not in ("exit", "kill", "hang", "refuse"):
+        raise UsageError(f"{ENV}={text!r}: the action must be exit, kill, hang or refuse")
     fields: dict[str, str] = {}
     for part in parts:
         key, sep, value = part.partition("=")
         if not sep or key not in ("step", "rank", "once", "at"):
             raise UsageError(f"{ENV}={text!r}: expected step=N, rank=R, once=PATH or "
-                             f"at=step|save, got {part!r}")
-        if key == "at" and value not in ("step", "save"):
-            raise UsageError(f"{ENV}={text!r}: at= takes step or save, got {value!r}")
+                             f"at=step|save|start, got {part!r}")
+        if key == "at" and value not in ("step", "save", "start"):
+            raise UsageError(f"{ENV}={text!r}: at= takes step, save or start, got {value!r}")
         fields[key] = value
+    if action == "refuse":  # a start-up check: no step
+        fields.setdefault("at", "start")
+        fields.setdefault("step", "0")
+        if fields["at"] != "start":
+            raise UsageError(f"{ENV}={text!r}: refuse happens at start only")
+    elif fields.get("at") == "start":
+        raise UsageError(f"{ENV}={text!r}: at=start goes with the refuse action only")
     if "step" not in fields:
         raise UsageError(f"{ENV}={text!r}: step=N is required")
     try:

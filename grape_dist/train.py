@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -39,7 +40,7 @@ from pathlib import Path
 from .config import load_config
 from .errors import StartupError, UsageError
 from .faults import fault_from_env
-from .metrics.writer import held_run_files
+from .metrics.writer import atomic_write_text, held_run_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -104,15 +105,38 @@ def restart_attempt() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
+LAUNCH_FILE = "launch.json"  # which torchrun job started the run in a folder
+
+
+def mark_launch(out: Path) -> None:
+    """Record the torchrun job (TORCHELASTIC_RUN_ID) that started or continued the run in
+    `out`, once its outputs exist: restarts of this job may continue it, no other job may."""
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run_id:
+        atomic_write_text(out / LAUNCH_FILE, json.dumps({"torchelastic_run_id": run_id}) + "\n")
+
+
+def _launched_here(out: Path) -> bool:
+    try:
+        saved = json.loads((out / LAUNCH_FILE).read_text())["torchelastic_run_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return saved == os.environ.get("TORCHELASTIC_RUN_ID")
+
+
 def resume_after_restart(args: argparse.Namespace) -> None:
-    """Under `torchrun --max-restarts`, restarted workers run the original command line again:
-    they continue the run in --out from its newest checkpoint, or start it over when the
-    failure came before the first checkpoint."""
+    """Under `torchrun --max-restarts`, restarted workers run the original command line again.
+    If this torchrun job had started the run in --out (launch.json), they continue it from its
+    newest checkpoint, or start it over when the failure came before the first checkpoint.
+    Otherwise (the first attempt was refused, or died before its outputs existed) the restart
+    is checked like the first attempt: a run that belongs to another job is never touched."""
     if restart_attempt() == 0 or args.resume or not args.out:
         return
     from .runtime.checkpoint import latest_checkpoint
 
     out = Path(args.out)
+    if not _launched_here(out):
+        return
     if (out / "config.yaml").is_file() and latest_checkpoint(out) is not None:
         args.resume, args.out, args.config = str(out), None, None
         args.overwrite = False
@@ -157,9 +181,12 @@ def prepare_output(args: argparse.Namespace) -> Path | None:
 
 
 def refuse(exc: StartupError, rank: int, world_size: int) -> int:
-    """One line for a run that cannot start, exit code 2. Every rank checks the same inputs, so
-    rank 0 speaks for all; another rank speaks only if it is still running after a grace
-    period, i.e. the error was its own (a node without the data, say)."""
+    """One line for a run that cannot start, exit code 2. Inside the group the ranks compare
+    their checks (RankFailures) and rank 0 speaks for all. Before it, every rank checks the same
+    inputs, so rank 0 speaks for all too; another rank speaks only if it is still running after
+    a grace period (torchrun stops it once rank 0 exits), i.e. the error was its own."""
+    if rank != 0 and getattr(exc, "agreed", False):
+        return 2  # every rank knows (they compared notes); rank 0 says it
     if rank != 0 and world_size > 1:
         time.sleep(PEER_REPORT_GRACE_S)
         print(f"{exc.prefix} (rank {rank}): {exc}", file=sys.stderr, flush=True)
@@ -216,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             # Data, resume checks and stages: errors here still come before the first step.
             trainer = Trainer(cfg, args.out, device, layout, resume=resume,
                               overwrite=args.overwrite)
+            if rank == 0 and args.out:
+                mark_launch(Path(args.out))
             with stop_on_signals(trainer):
                 summary = trainer.fit()
     except StartupError as exc:
@@ -224,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         reason = peer_failure(exc) if world_size > 1 else None
         if reason is None:
             raise
+        logging.getLogger("grape_dist").debug("the backend's error", exc_info=exc)
         # Whichever rank notices says so (rank 0 may be the one that died).
         print(f"error (rank {rank}): lost a peer {_where(trainer)} ({reason}; "
               f"pipeline.timeout_s={cfg.pipeline.timeout_s:g}); {_resume_hint(trainer, args)}",

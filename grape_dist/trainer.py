@@ -24,7 +24,7 @@ from .data import (
     tokenizer_vocab_size,
 )
 from .distributed import backend_for, resolve_device
-from .errors import DataError
+from .errors import DataError, RankFailures, StartupError
 from .faults import fault_from_env
 from .metrics.progress import Progress
 from .metrics.tensorboard import TensorBoardWriter
@@ -33,6 +33,7 @@ from .models import BlockModel, build_model
 from .optim import scheduled_lr, set_lr
 from .runtime import Layout, build_engine, plan_layout, split_micro_batches
 from .runtime.checkpoint import (
+    CheckpointError,
     check_resumable,
     load_checkpoint,
     read_manifest,
@@ -116,6 +117,33 @@ def check_fits_data(cfg: Config, train_samples: int) -> None:
                         "data.batch_size or train on more data")
 
 
+def check_metrics_rows(out: Path, rows: int) -> None:
+    """A resumed run keeps the first `rows` lines of metrics.jsonl: they must be there."""
+    path = out / "metrics.jsonl"
+    have = len(path.read_text().splitlines()) if path.exists() else 0
+    if have < rows:
+        raise CheckpointError(f"{path} has {have} rows but the checkpoint was taken after "
+                              f"{rows}: the run folder was edited or is not this checkpoint's")
+
+
+def agree_to_start(failure: StartupError | None) -> None:
+    """Collective (when a group exists): every rank raises RankFailures if any rank's start-up
+    checks failed, so all stop before the first step and rank 0 reports for all."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if failure is not None:
+            raise failure
+        return
+    mine = None if failure is None else (failure.prefix, str(failure))
+    found: list[tuple[str, str] | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, mine)
+    failures: dict[tuple[str, str], list[int]] = {}
+    for rank, entry in enumerate(found):
+        if entry is not None:
+            failures.setdefault(tuple(entry), []).append(rank)
+    if failures:
+        raise RankFailures(failures, len(found))
+
+
 def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> Tensors:
     """A fixed random subset of n samples (0 = all)."""
     if not n:
@@ -180,20 +208,30 @@ class Trainer:
         self.out_dir = self.out_path if self.rank == 0 else None
         self.state = TrainState()
         self._saved: tuple[int, Path | None] | None = None  # (step, folder) of the last save
+        self.fault = fault_from_env()  # injected faults for recovery tests (faults.py)
         bounds = None
         manifest = None
-        if resume is not None:
-            manifest = read_manifest(resume, verify=self.rank == 0)
-            check_resumable(manifest, cfg, self.world_size, self.layout)
-            self.state = TrainState.from_json(manifest["trainer"])
-            bounds = [tuple(b) for b in manifest["stage_bounds"]]
-        # A resumed run keeps the metrics rows written up to its checkpoint.
-        t0 = time.perf_counter()
-        # The data stays on the CPU; mini-batches move to the model's device as they are used.
-        self.train, self.test, source = load_tensors(cfg)
-        check_fits_data(cfg, len(self.train.y))
-        log.info("data %s: %d train / %d test from %s (%.1fs)", cfg.data.name, len(self.train.y),
-                 len(self.test.y), source, time.perf_counter() - t0)
+        failure: StartupError | None = None
+        try:
+            if resume is not None:
+                manifest = read_manifest(resume, verify=self.rank == 0)
+                check_resumable(manifest, cfg, self.world_size, self.layout)
+                if self.out_dir is not None:
+                    check_metrics_rows(self.out_dir, manifest["trainer"]["metrics_rows"])
+                self.state = TrainState.from_json(manifest["trainer"])
+                bounds = [tuple(b) for b in manifest["stage_bounds"]]
+            t0 = time.perf_counter()
+            self._inject_fault("start")
+            # The data stays on the CPU; mini-batches move to the model's device when used.
+            self.train, self.test, source = load_tensors(cfg)
+            check_fits_data(cfg, len(self.train.y))
+            log.info("data %s: %d train / %d test from %s (%.1fs)", cfg.data.name,
+                     len(self.train.y), len(self.test.y), source, time.perf_counter() - t0)
+        except StartupError as exc:
+            failure = exc
+        # Before any other collective: a check that failed on one rank (a node without the
+        # data, a damaged shard that rank 0 verified) stops every rank here, together.
+        agree_to_start(failure)
         self.engine = build_engine(cfg, model, self.layout, self.device, bounds)
         if resume is not None:
             load_checkpoint(resume, self.engine.stages, self.rank)
@@ -229,7 +267,6 @@ class Trainer:
                                                       len(self.train.y)), cfg.seed + 1)
         self.probe = Tensors(self.train.x[probe], self.train.y[probe])
         self.stop_requested = False  # set by request_stop (signal handlers)
-        self.fault = fault_from_env()  # injected crashes for recovery tests (faults.py)
         # Called on every rank after each checkpoint (the Ray job reports them to Ray Train).
         self.checkpoint_hook: Callable[[Path], None] | None = None
         self._t0 = time.perf_counter()

@@ -18,7 +18,8 @@
 #                   hosts the store (otherwise torchrun decides by matching MASTER_ADDR against
 #                   this machine's names and addresses). Ranks still come from the rendezvous.
 #   NPROC_PER_NODE  ranks per node (default: the number of GPUs torch sees, or 1)
-#   RDZV_ID         job id shared by all nodes (default grape_dist-MASTER_ADDR-MASTER_PORT)
+#   RDZV_ID         job id shared by all nodes, unique per job: with MAX_RESTARTS a restart
+#                   continues only a run its own job started (default grape_dist-MASTER_ADDR-MASTER_PORT)
 #   MAX_RESTARTS    torchrun --max-restarts (default 0)
 #   PYTHON          the interpreter with grape_dist installed (default python3)
 #   NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME: set them when the nodes have several networks.

@@ -8,7 +8,6 @@ environment a launcher would give it; the torchrun cases launch real process gro
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -88,6 +87,12 @@ def finished_run(tmp: Path) -> None:
     assert train.main(["--config", CONFIG, *SMALL, "--out", str(tmp / "out")]) == 0
 
 
+def run_with_metrics_cut(tmp: Path) -> None:
+    """A finished run whose metrics.jsonl lost the rows its checkpoint counts on."""
+    finished_run(tmp)
+    (tmp / "out" / "metrics.jsonl").write_text("")
+
+
 CASES: dict[str, Case] = {
     # -- the config file and overrides ----------------------------------------------------------
     "unknown top-level key": Case(["colour=red"], "colour"),
@@ -149,6 +154,8 @@ CASES: dict[str, Case] = {
     "--resume with --config": Case(["--resume", "{tmp}/out"], "--config"),
     "--resume with another rule": Case(["--resume", "{tmp}/out", "rule=dfa"], "rule",
                                        setup=finished_run, config=False),
+    "--resume, metrics.jsonl cut short": Case(["--resume", "{tmp}/out"], "metrics.jsonl",
+                                              setup=run_with_metrics_cut, config=False),
     "--resume on another world size": Case(["--resume", "{tmp}/out"], "world size",
                                            env={"RANK": "0", "WORLD_SIZE": "2"},
                                            setup=finished_run, config=False),
@@ -202,13 +209,27 @@ def test_there_are_at_least_thirty_cases():
 
 # -- under torchrun: one copy of the message, from rank 0 ----------------------------------------
 
-def _torchrun(nproc: int, args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+def _torchrun(nproc: int, args: list[str], tmp: Path, env: dict[str, str] | None = None,
+              restarts: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
-           "GRAPE_CACHE_DIR": str(tmp / "cache")}
+           "GRAPE_CACHE_DIR": str(tmp / "cache"), **(env or {})}
     env.pop("GRAPE_DATA_DIR", None)
-    cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", "--standalone", "-m", "grape_dist.train",
-           "--config", CONFIG, *SMALL, "--out", str(tmp / "out"), *args]
+    cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", "--standalone",
+           f"--max-restarts={restarts}", "-m", "grape_dist.train", "--config", CONFIG, *SMALL,
+           "--out", str(tmp / "out"), *args]
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+def _ours(stderr: str) -> list[str]:
+    """Every line our processes printed (torchrun's log lines and summary left out)."""
+    return [line for line in stderr.splitlines()
+            if line.startswith(("error", "config error", "stopped", "warning"))]
+
+
+def _no_traceback_of_ours(stderr: str) -> None:
+    # torchrun's own summary of the failed job follows (its traceback is of torchrun itself);
+    # none of our processes printed one.
+    assert 'File "' + str(ROOT / "grape_dist") not in stderr, stderr[-4000:]
 
 
 @pytest.mark.parametrize("args,match", [
@@ -219,12 +240,34 @@ def _torchrun(nproc: int, args: list[str], tmp: Path) -> subprocess.CompletedPro
 def test_under_torchrun_rank_0_says_it_once(args, match, tmp_path):
     r = _torchrun(2, args, tmp_path)
     assert r.returncode != 0
-    ours = [line for line in r.stderr.splitlines() if match in line and "error" in line
-            and not line.lstrip().startswith(("[", "torch", "File"))]
-    assert len(ours) == 1, r.stderr[-4000:]
-    assert "rank 1" not in ours[0]
-    # torchrun's own summary of the failed job follows (its traceback is of torchrun itself);
-    # none of our processes printed one.
-    assert 'grape_dist/' not in r.stderr.replace("grape_dist.train", ""), r.stderr[-4000:]
+    ours = _ours(r.stderr)
+    assert len(ours) == 1 and match in ours[0] and "(rank" not in ours[0], r.stderr[-4000:]
+    _no_traceback_of_ours(r.stderr)
     assert not (tmp_path / "out").exists()
-    shutil.rmtree(tmp_path / "cache", ignore_errors=True)
+
+
+def test_a_check_that_fails_on_one_rank_stops_all_and_keeps_the_old_run(tmp_path):
+    """Rank 1 alone fails its data check (GRAPE_FAULT=refuse, as on a node without the data)
+    in a run that would --overwrite an earlier one: the ranks compare notes before anything is
+    written, rank 0 reports rank 1's problem in one line, and the earlier run is intact."""
+    existing_run(tmp_path)
+    before = _snapshot(tmp_path / "out")
+    r = _torchrun(2, ["--overwrite"], tmp_path, env={"GRAPE_FAULT": "refuse:rank=1"})
+    assert r.returncode != 0
+    ours = _ours(r.stderr)
+    assert len(ours) == 1 and ours[0].startswith("error: rank 1: GRAPE_FAULT"), r.stderr[-4000:]
+    _no_traceback_of_ours(r.stderr)
+    assert _snapshot(tmp_path / "out") == before
+
+
+def test_a_torchrun_restart_after_a_refusal_does_not_take_over_another_run(tmp_path):
+    """--out holds a finished run (with checkpoints) of another job. The first attempt is
+    refused; torchrun restarts the workers (exit 2 is a failure to it), and the restart must be
+    refused the same way: not resume that run, not replace it."""
+    finished_run(tmp_path)
+    before = _snapshot(tmp_path / "out")
+    r = _torchrun(2, ["train.epochs=2"], tmp_path, restarts=1)
+    assert r.returncode != 0
+    ours = _ours(r.stderr)
+    assert len(ours) == 2 and all("already holds a run" in line for line in ours), r.stderr
+    assert _snapshot(tmp_path / "out") == before

@@ -120,9 +120,11 @@ def test_a_corrupted_checkpoint_is_named_and_a_partial_one_ignored(tmp_path):
     shard.write_bytes(bytes(data))
     r = run(1, "--resume", str(out))
     assert r.returncode == 2 and "__0_0.distcp" in r.stderr and "SHA-256" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     shard.write_bytes(bytes(data[:100]))
     r = run(1, "--resume", str(out))
     assert r.returncode == 2 and "truncated" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
 def test_divergence_stops_the_run_names_the_blocks_and_keeps_the_last_good_checkpoint(

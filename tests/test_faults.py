@@ -9,6 +9,7 @@ answering at a chosen step, as a lost node or a stuck rank would."""
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -89,3 +90,18 @@ def test_a_kill_while_saving_leaves_the_previous_checkpoint_usable(uninterrupted
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_results(uninterrupted, out)
     assert json.loads((out / "summary.json").read_text())["steps"] == 32
+
+
+def test_a_damaged_shard_stops_every_rank_with_one_line(uninterrupted, tmp_path):
+    """A flipped byte in rank 1's shard, on 2 ranks: rank 0 checks every rank's file against
+    the manifest before anything is loaded, all ranks stop, and one line names the file."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    shard = out / "checkpoints" / "step_000000032" / "__1_0.distcp"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = run(2, "--resume", str(out), "--quiet", "train.epochs=3")
+    assert r.returncode != 0
+    lines = _ours(r.stderr)
+    assert len(lines) == 1 and "__1_0.distcp" in lines[0] and "SHA-256" in lines[0], r.stderr

@@ -135,7 +135,11 @@ def file_digests(paths: Sequence[Path], cache_dir: Path) -> dict[Path, str]:
             ):
                 out[p] = entry["sha256"]
                 continue
-            out[p] = sha256_file(p)
+            try:
+                out[p] = sha256_file(p)
+            except OSError as exc:
+                raise DataError(f"cannot read {p} ({exc.strerror or exc}): check its "
+                                "permissions, or point data.root elsewhere") from None
             index[name] = {"stat": stamp, "sha256": out[p]}
             changed = True
         if changed:

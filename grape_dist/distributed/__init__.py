@@ -26,21 +26,30 @@ def resolve_device(choice: str = "auto") -> torch.device:
 
 
 # How gloo and nccl word a peer that died (connection reset/closed) or stopped answering (a
-# timeout): they raise plain RuntimeErrors, so the message is all there is to go by.
+# timeout): they raise RuntimeErrors (DistBackendError at best), so the message is what there
+# is to go by. Anything else, DistBackendErrors included, stays an ordinary error (traceback).
 _PEER_FAILURE_MARKS = ("Connection reset", "Connection closed", "Connection refused",
-                       "Broken pipe", "Timed out", "timed out", "NCCL communicator was aborted",
+                       "Broken pipe", "Timed out waiting", "timed out connecting",
+                       "collective operation timeout", "NCCL communicator was aborted",
                        "ncclRemoteError", "Socket Timeout")
 
 
 def peer_failure(exc: BaseException) -> str | None:
     """A one-line reason if `exc` is how the backend reports a lost or hung peer, else None."""
+    if isinstance(exc, (dist.DistNetworkError, dist.DistStoreError)):
+        return f"{type(exc).__name__}: {_first_line(exc)}"
     if not isinstance(exc, RuntimeError):
         return None
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if not isinstance(exc, dist.DistError) and not any(m in text for m in _PEER_FAILURE_MARKS):
+    text = _first_line(exc)
+    if not any(m in text for m in _PEER_FAILURE_MARKS):
         return None
     # gloo prefixes the C++ source location: "[/__w/.../pair.cc:537] Read error ..."
     return re.sub(r"^\[[^\]]*\]\s*", "", text).split(" This is typically")[0]
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def backend_for(device: torch.device) -> str:

@@ -53,7 +53,7 @@ def atomic_save(obj: Any, path: str | Path) -> None:
 
 
 # What marks a folder as holding a run, and what --overwrite removes.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "launch.json")
 RUN_FOLDERS = ("checkpoints", "final_state", "tensorboard")
 
 
