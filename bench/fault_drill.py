@@ -216,6 +216,18 @@ def drill(work: Path, nproc: int, timeout_s: int) -> list[Result]:
                               f"`{one_line(job, 'ignoring corrupt')[:60]}…`, rebuilt",
                               "on load", "nothing (the cache is rebuilt in seconds)"))
 
+    # One rank fails its start-up data check (a node without the data), --overwrite of a run.
+    out = work / "one_rank"
+    shutil.copytree(base, out)
+    before = (out / "metrics.jsonl").read_text()
+    job = Job(nproc, [*RUN, "--out", str(out), "--overwrite"], env={"GRAPE_FAULT": "refuse:rank=1"})
+    rc = job.wait()
+    kept = (out / "metrics.jsonl").read_text() == before
+    results.append(Result("rank 1 alone fails its data check", "GRAPE_FAULT=refuse:rank=1",
+                          f"{job.exit_codes(rc)}; `{one_line(job, '^error')[:70]}…`; the run "
+                          f"it would overwrite {'kept' if kept else 'LOST'}",
+                          "before the first step", "nothing started"))
+
     # Bad input: refused before any rank starts.
     job = Job(nproc, [*RUN, "pipeline.pp=3", "--out", str(work / "bad")])
     rc = job.wait()

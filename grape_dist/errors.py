@@ -32,8 +32,10 @@ class RankFailures(StartupError):
 
     def __init__(self, failures: dict[tuple[str, str], list[int]], world_size: int) -> None:
         (self.prefix, first), ranks = next(iter(failures.items()))
-        if len(failures) == 1 and len(ranks) == world_size:
-            text = first  # the usual case: every rank found the same problem
+        if len(failures) == 1 and (len(ranks) == world_size or ranks == [0]):
+            # Every rank found the same problem, or rank 0 did in a check it makes for all
+            # (the checkpoint's checksums): no rank to name.
+            text = first
         else:
             text = " | ".join(f"rank{'s' * (len(r) > 1)} {', '.join(map(str, r))}: {msg}"
                               for (_, msg), r in failures.items())
