@@ -13,6 +13,7 @@ class StartupError(Exception):
     """The run cannot start as asked; `prefix` starts the printed line."""
 
     prefix = "error"
+    agreed = False  # whether every rank already knows (RankFailures): only rank 0 prints
 
 
 class UsageError(StartupError):
@@ -28,7 +29,7 @@ class RankFailures(StartupError):
     """Start-up checks failed on some ranks (gathered by every rank, so all stop together and
     rank 0 alone reports): `failures` maps each message to the ranks that hit it."""
 
-    agreed = True  # every rank knows; only rank 0 prints
+    agreed = True
 
     def __init__(self, failures: dict[tuple[str, str], list[int]], world_size: int) -> None:
         (self.prefix, first), ranks = next(iter(failures.items()))

@@ -570,7 +570,7 @@ MEAN_NOTE = ("Test metrics are the mean ± sample std (n − 1) over a group's r
 
 def write_report(runs: Sequence[Run], out: Path, title: str, command: str,
                  metric: str = "grad_cos") -> Path:
-    from .metrics.writer import atomic_write_text
+    from .fileio import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     body = render_sections(runs, out, out, metric=metric)
@@ -592,7 +592,7 @@ def update_results_page(page: Path, runs: Sequence[Run], out: Path, command: str
     `/`), leaving everything outside the markers as it is. PARTS: any of table, curve,
     alignment, calibration (default: all). Plots go to out/<GLOB as a slug>/. Returns
     warnings (blocks that match no run are left unchanged)."""
-    from .metrics.writer import atomic_write_text
+    from .fileio import atomic_write_text
 
     if not page.is_file():
         raise ReportError(f"--results-page {page}: no such file")

@@ -40,7 +40,8 @@ from pathlib import Path
 from .config import load_config
 from .errors import StartupError, UsageError
 from .faults import fault_from_env
-from .metrics.writer import atomic_write_text, held_run_files
+from .fileio import atomic_write_text
+from .metrics.writer import held_run_files
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -185,7 +186,7 @@ def refuse(exc: StartupError, rank: int, world_size: int) -> int:
     their checks (RankFailures) and rank 0 speaks for all. Before it, every rank checks the same
     inputs, so rank 0 speaks for all too; another rank speaks only if it is still running after
     a grace period (torchrun stops it once rank 0 exits), i.e. the error was its own."""
-    if rank != 0 and getattr(exc, "agreed", False):
+    if rank != 0 and exc.agreed:
         return 2  # every rank knows (they compared notes); rank 0 says it
     if rank != 0 and world_size > 1:
         time.sleep(PEER_REPORT_GRACE_S)

@@ -19,7 +19,6 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ from urllib.parse import urlsplit
 import torch
 
 from grape_dist.errors import DataError, StartupError
+from grape_dist.fileio import atomic_save, atomic_write_text, sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,6 @@ def content_key(files: dict[str, list[Path]], cache_dir: Path) -> list[list[Any]
 # The side index: absolute path -> (stat stamp, sha256). Only an accelerator: cache names are
 # made from the digests, never from the paths.
 DIGEST_INDEX = "file-digests.json"
-_HASH_CHUNK = 1 << 20
 
 
 def file_digests(paths: Sequence[Path], cache_dir: Path) -> dict[Path, str]:
@@ -147,15 +146,6 @@ def file_digests(paths: Sequence[Path], cache_dir: Path) -> dict[Path, str]:
     return out
 
 
-def sha256_file(path: Path) -> str:
-    """SHA-256 (hex) of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _stat_stamp(path: Path) -> list[int]:
     # ctime and inode besides size and mtime: `touch -d`/`os.utime` can put an mtime back, and
     # a file replaced by a rename has another inode; either way the file is hashed again.
@@ -184,21 +174,10 @@ def _write_digest_index(path: Path, index: dict[str, Any]) -> None:
     # Entries of files that are gone (deleted clones, temp folders) are dropped so the index
     # does not grow without bound; one on an unmounted disk is merely hashed again later.
     kept = {name: entry for name, entry in index.items() if os.path.exists(name)}
-    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            json.dump(kept, f, indent=1, sort_keys=True)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-        tmp = None
+        atomic_write_text(path, json.dumps(kept, indent=1, sort_keys=True))
     except OSError as exc:  # the data is still loaded; save_cache warns about the folder
         logger.debug("cannot write digest index %s: %s", path, exc)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def import_datasets() -> Any:
@@ -316,21 +295,10 @@ def save_cache(path: Path, payload: dict[str, Any], key: Any, stacklevel: int) -
     ``warnings.warn`` called in save_cache's caller."""
     stored = {**payload, "key": _plain(key)}
     stored["sha256"] = payload_digest(stored)
-    tmp: str | None = None
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
-            torch.save(stored, f)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache may be shared
-        os.replace(tmp, path)
-        tmp = None
+        atomic_save(stored, path)
     except (OSError, RuntimeError) as exc:
         _warn_cache_once(path.parent, "cannot write", exc, stacklevel + 1)
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
 
 
 def load_cache(path: Path, key: Any) -> dict[str, Any]:

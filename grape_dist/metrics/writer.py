@@ -4,53 +4,13 @@ crash never leaves a half-written file behind."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-
-def _readable(path: str | Path) -> None:
-    """mkstemp makes 0600 files; run outputs are for sharing: 0644."""
-    os.chmod(path, 0o644)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """torch.save through a temporary file and a rename: never a half-written file."""
-    import torch
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        _readable(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
+from ..fileio import atomic_write_text
 
 # What marks a folder as holding a run, and what --overwrite removes.
 RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "launch.json")
@@ -74,16 +34,14 @@ class RunWriter:
 
     def __init__(self, out_dir: str | Path | None, keep_rows: int | None = None) -> None:
         """`keep_rows`: a resumed run keeps that many rows of metrics.jsonl (those written up
-        to its checkpoint) and appends; None starts a fresh file."""
+        to its checkpoint; the trainer checked they are there) and appends; None starts a fresh
+        file."""
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             path = self.out_dir / "metrics.jsonl"
             rows = path.read_text().splitlines(keepends=True) if keep_rows and path.exists() \
                 else []
-            if len(rows) < (keep_rows or 0):
-                raise ValueError(f"{path} has {len(rows)} rows, the checkpoint was taken after "
-                                 f"{keep_rows}")
             atomic_write_text(path, "".join(rows[:keep_rows or 0]))
 
     def config(self, data: dict) -> None:

@@ -23,7 +23,6 @@ cleared at every calibration.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -38,7 +37,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from ..errors import StartupError
-from ..metrics.writer import atomic_write_text
+from ..fileio import atomic_write_text, sha256_file
 from .stage import Stage
 
 FOLDER = "checkpoints"
@@ -177,11 +176,7 @@ def save_checkpoint(run_dir: str | Path, stages: list[Stage], rank: int, step: i
 
 
 def _describe(path: Path) -> dict[str, Any]:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..metrics.writer import atomic_save
+from ..fileio import atomic_save
 from .stage import Stage
 
 FOLDER = "final_state"
