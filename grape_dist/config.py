@@ -127,6 +127,13 @@ class FeedbackConfig:
     # `channel`, one column per channel, its signal repeated over positions (C columns: far
     # fewer parameters, and GrAPE's tangent is drawn per channel). Dense blocks: always full.
     conv: Literal["full", "channel"] = "full"
+    # Where the direct rules inject their signal: `block`, one feedback point per block output,
+    # trained by backprop through the whole block (the paper's form); `layer`, one point per
+    # weight layer of residual blocks and transformer sub-layers (each conv's BatchNorm/ReLU
+    # output; the qkv, attention-output, MLP-hidden and MLP-output projections), each layer
+    # trained from its own point with no backward through any other layer (docs/points.md).
+    # Models without such blocks (MLP, LeNet, AlexNet, VGG) already have one point per layer.
+    points: Literal["block", "layer"] = "block"
 
 
 @dataclass

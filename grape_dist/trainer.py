@@ -364,13 +364,12 @@ class Trainer:
         the blocks are named only when something is wrong."""
         checks = []  # (name, the tensor's sum): a NaN or Inf anywhere makes the sum non-finite
         for stage in self.stages:
-            feedback = stage.rule.feedback_matrices()
-            for offset, block in enumerate(stage.blocks):
+            for block in stage.blocks:
                 checks += [(f"{block.name} (weights)", p.detach().sum())
                            for p in block.parameters()]
-                if stage.first + offset in feedback:
-                    checks.append((f"{block.name} (feedback matrix)",
-                                   feedback[stage.first + offset].sum()))
+            feedback = stage.rule.feedback_matrices()
+            checks += [(f"{pt.name} (feedback matrix)", feedback[pt.index].sum())
+                       for pt in stage.rule.feedback_points()]
         bad = [] if math.isfinite(loss) else ["loss"]
         if checks:
             finite = torch.isfinite(torch.stack([c for _, c in checks]))
@@ -433,7 +432,9 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg = self.cfg
-        names = [b.name for b in self.model.blocks]
+        # The feedback points' names, by global index (the keys of GrAPE's align_cos stats).
+        names = {pt.index: pt.name for pt in
+                 self.model.feedback_points(layer=cfg.feedback.points == "layer")}
         state = self.state
         # A resumed run continues the epoch its checkpoint was taken in, or the next one.
         first = state.epoch + 1 if state.epoch_done else state.epoch

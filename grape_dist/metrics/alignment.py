@@ -1,7 +1,8 @@
 """Per-block alignment of the feedback matrices, measured against exact derivatives, computed
 on the ranks that hold the blocks (only scalars are gathered).
 
-On a probe batch, for every hidden block l with a feedback matrix B_l:
+On a probe batch, for every feedback point l (a hidden block's output, or with layer feedback
+a weight layer's point, rules/points.py) with a feedback matrix B_l:
 - `grad_cos`: mean over samples of cos(B_l^T e, dL/dh_l), the direct rule's update signal
   against the true gradient from a real backward pass through the pipeline (which does not
   step);
@@ -31,7 +32,9 @@ from ..models.dropout import dropout_rows
 from ..rng import keyed_generator
 from ..rules.direct import DirectFeedbackRule
 from ..rules.feedback import feedback_columns, frobenius_cosine, jacobian_estimate, project
+from ..rules.points import tap_outputs, tapped_forward
 from ..rules.tangents import block_forward
+from ..runtime.transport import message_key
 
 if TYPE_CHECKING:
     from ..runtime.engine import PipelineEngine
@@ -56,7 +59,7 @@ def probe_alignment(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, se
             for b, saved in buffers:
                 b.copy_(saved)
     out = engine.merge_stats(local)
-    order = [b.name for b in engine.model.blocks]
+    order = [pt.name for pt in engine.stages[0].rule.all_points]
     return dict(sorted(out.items(), key=lambda kv: order.index(kv[0])))
 
 
@@ -67,6 +70,7 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
     last = engine.layout.num_stages - 1
     spec = engine.model.signal_spec
     num_blocks, n = len(engine.model.blocks), len(y)
+    points = engine.stages[0].rule.all_points
     # The signal: per output position (a language model's tokens), `c` values wide (the logits'
     # error, or for a language model the error at the head's input, Launay et al. 2020).
     c, rows = spec.signal_width, n * spec.positions
@@ -76,7 +80,7 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
     head_in = None
     for stage in engine.stages:
         s = stage.index
-        h, t = (x, None) if s == 0 else transport.recv(s - 1, s)
+        h, t = (x, None) if s == 0 else transport.recv(s - 1, s, message_key("probe/fwd", n))
         x_in = h.detach().requires_grad_(s > 0)
         h, outs = x_in, []
         with torch.enable_grad():
@@ -86,17 +90,32 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
                     head_in = h  # the tangents and the signal stop here
                     h = block(h)
                     continue
-                h, t = block_forward(block, h, t)
-                if i < num_blocks - 1:
-                    gen = keyed_generator(seed, "probe", i)
-                    p = torch.randn(h.shape, generator=gen, dtype=h.dtype).to(device)
-                    t = p.unsqueeze(0) if t is None else torch.cat([t, p.unsqueeze(0)])
-                    outs.append((i, h, p))
+                here = [pt for pt in points if pt.block == i]
+                drawn = []
+
+                def inject(j: int, u: torch.Tensor | None, here=here, drawn=drawn):
+                    # One probe tangent stream per point, keyed by (seed, point).
+                    gen = keyed_generator(seed, "probe", here[j].index)
+                    p = torch.randn(n, *here[j].shape, generator=gen).to(device)
+                    drawn.append(p)
+                    return p.unsqueeze(0) if u is None else torch.cat([u, p.unsqueeze(0)])
+                if here and here[0].tap is not None:
+                    # Layer points: the exact gradients at the points need the whole block's
+                    # graph; the tangents come from the rules' own forward.
+                    h_in = h
+                    h, values = tap_outputs(block, h_in)
+                    _, t, _ = tapped_forward(block, h_in.detach(), t, None, inject)
+                else:
+                    h, t = block_forward(block, h, t)
+                    values = [h]
+                    if here:
+                        t = inject(0, t)
+                outs += [(pt.index, v, p) for pt, v, p in zip(here, values, drawn)]
         saved[s] = (x_in, outs, h, t)
         if s != last:
-            transport.send([h.detach(), t], s, s + 1)
+            transport.send([h.detach(), t], s, s + 1, message_key("probe/fwd", n))
     # The error of the mean loss and the output tangents, from the last stage to every stage.
-    k = num_blocks - 1
+    k = len(points)
     if engine.stages[-1].index == last:
         x_last, outs_last, logits, t = saved[last]
         flat = logits.detach().reshape(rows, -1)
@@ -125,7 +144,7 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
             eye = torch.eye(c, dtype=dtype, device=device)
             grads_out = [e.reshape(y_out.shape), *eye[:units, None, :].expand(units, n, c)]
         else:
-            grads_out = transport.recv(s + 1, s)[0]
+            grads_out = transport.recv(s + 1, s, message_key("probe/back", n))[0]
         inputs = [h for _, h, _ in outs] + ([x_in] if s > 0 else [])
         true_grads, jac, back = None, [[] for _ in outs], []
         with torch.enable_grad():
@@ -140,7 +159,7 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
                 if s > 0:
                     back.append(gs[-1])
         if s > 0:
-            transport.send([torch.stack(back)], s, s - 1)
+            transport.send([torch.stack(back)], s, s - 1, message_key("probe/back", n))
         feedback = stage.rule.feedback_matrices()
         for b, (i, _, p) in enumerate(outs):
             bmat = feedback[i]
@@ -156,7 +175,7 @@ def _probe(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, seed: int,
                     bmat, feedback_columns(torch.stack(jac[b]), bmat.shape[1]))
             row["jhat_cos"] = frobenius_cosine(
                 bmat, feedback_columns(jacobian_estimate(g[i], p), bmat.shape[1]))
-            out[stage.blocks[i - stage.first].name] = row
+            out[points[i].name] = row
     transport.flush()
     transport.check_idle("end of the alignment probe")
     return out

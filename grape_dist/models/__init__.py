@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from .alexnet import build_alexnet
-from .blocks import Block, BlockModel, SignalSpec
+from .blocks import Block, BlockModel, FeedbackPoint, SignalSpec, block_taps
 from .dropout import KeyedDropout, dropout_rows
 from .lenet import build_lenet
 from .mlp import build_mlp
@@ -12,9 +12,9 @@ from .resnet import build_resnet
 from .transformer import build_transformer
 from .vgg import build_vgg16
 
-__all__ = ["Block", "BlockModel", "KeyedDropout", "SignalSpec", "build_alexnet", "build_lenet",
-           "build_mlp", "build_model", "build_resnet", "build_transformer", "build_vgg16",
-           "dropout_rows"]
+__all__ = ["Block", "BlockModel", "FeedbackPoint", "KeyedDropout", "SignalSpec", "block_taps",
+           "build_alexnet", "build_lenet", "build_mlp", "build_model", "build_resnet",
+           "build_transformer", "build_vgg16", "dropout_rows"]
 
 
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> BlockModel:

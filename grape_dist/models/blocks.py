@@ -53,6 +53,24 @@ class SignalSpec:
         return (w,) if self.positions == 1 else (self.positions, w)
 
 
+@dataclass(frozen=True)
+class FeedbackPoint:
+    """Where a direct rule injects a projected signal (and GrAPE draws a tangent) and which
+    weights that signal trains.
+
+    With `feedback.points: block` (the paper's form) every hidden block's output is one point
+    and its whole block is trained from it by local backprop. With `layer`, a block whose
+    layers expose `taps` (residual blocks, attention and MLP sub-layers) has one point per
+    weight layer, and each weight layer is trained from its own point only (rules/points.py).
+    """
+
+    index: int  # global number: keys B, the point's tangent draws and its tangent stream
+    block: int  # the block it sits in
+    name: str
+    shape: tuple[int, ...]  # per sample
+    tap: int | None = None  # None: the block's output; else its number among the block's taps
+
+
 class Block(nn.Sequential):
     """A named run of layers whose output is a feedback point."""
 
@@ -71,6 +89,15 @@ class Block(nn.Sequential):
 
 
 BlockFactory = Callable[[], Block]
+
+
+def block_taps(block: Block) -> list[tuple[str, tuple[int, ...]]] | None:
+    """(name, per-sample shape) of the feedback points at the weight layers of `block`, when
+    every layer of it exposes `taps(out_shape)`; None otherwise (one point at its output)."""
+    layers = list(block)
+    if not layers or not all(hasattr(layer, "taps") for layer in layers):
+        return None
+    return [tap for layer in layers for tap in layer.taps(block.out_shape)]
 
 
 def _is_meta(block: nn.Module) -> bool:
@@ -127,20 +154,33 @@ class BlockModel(nn.Module):
             width = head_in[-1]
         self.signal_spec = SignalSpec(num_classes, positions, width)
 
-    def feedback_width(self, index: int, per_channel: bool = False) -> int:
-        """Columns of block `index`'s feedback matrix: its flattened output, or its channels
-        when the feedback is shared over positions (a language model's tokens, SignalSpec.positions
-        > 1; or with `per_channel`, the positions of a conv block's (C, H, W) output)."""
-        block = self.blocks[index]
+    def feedback_points(self, layer: bool = False) -> list[FeedbackPoint]:
+        """The model's feedback points, in forward order: one per hidden block (its output), or
+        with `layer` one per weight layer of the blocks that expose taps (`block_taps`)."""
+        points: list[FeedbackPoint] = []
+        for i, block in enumerate(self.blocks[:-1]):
+            taps = block_taps(block) if layer else None
+            if taps is None:
+                points.append(FeedbackPoint(len(points), i, block.name, block.out_shape))
+                continue
+            for j, (name, shape) in enumerate(taps):
+                points.append(FeedbackPoint(len(points), i, f"{block.name}.{name}", shape, j))
+        return points
+
+    def feedback_width(self, point: FeedbackPoint, per_channel: bool = False) -> int:
+        """Columns of a point's feedback matrix: its flattened size, or its channels when the
+        feedback is shared over positions (a language model's tokens, SignalSpec.positions > 1;
+        or with `per_channel`, the positions of a conv point's (C, H, W) shape)."""
+        shape = point.shape
         if self.signal_spec.positions == 1:
-            if per_channel and len(block.out_shape) == 3:
-                return block.out_shape[0]
-            return block.out_features
-        if math.prod(block.out_shape[:-1]) != self.signal_spec.positions:
-            raise ValueError(f"block {index} ({block.name}) outputs {block.out_shape}; feedback "
-                             f"shared over {self.signal_spec.positions} positions needs "
+            if per_channel and len(shape) == 3:
+                return shape[0]
+            return math.prod(shape)
+        if math.prod(shape[:-1]) != self.signal_spec.positions:
+            raise ValueError(f"feedback point {point.name} has shape {shape}; feedback shared "
+                             f"over {self.signal_spec.positions} positions needs "
                              "(positions, channels)")
-        return block.out_shape[-1]
+        return shape[-1]
 
     def materialize(self, indices: Iterable[int] | None = None, seed: int = 0,
                     device: torch.device | str = "cpu") -> BlockModel:

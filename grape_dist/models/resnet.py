@@ -58,6 +58,11 @@ class BasicBlock(nn.Module):
         h = F.relu(self.bn1(self.conv1(x)))
         return F.relu(self.bn2(self.conv2(h)) + self.shortcut(x))
 
+    def taps(self, out_shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+        """Feedback points at every weight layer (`feedback.points: layer`): each conv's
+        BatchNorm/ReLU output, (name, per-sample shape); the last is the block's output."""
+        return [("conv1", out_shape), ("conv2", out_shape)]
+
 
 def _stem(c_in: int) -> Block:
     return Block("stem", _conv(c_in, 16), nn.BatchNorm2d(16), nn.ReLU())

@@ -79,6 +79,13 @@ class AttentionSublayer(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return x + self.proj(self.merge_heads(o))
 
+    def taps(self, out_shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+        """Feedback points at every weight layer (`feedback.points: layer`): the qkv
+        projection's output (T, 3 d) and the sub-layer's output (T, d), which is linear in the
+        output projection's."""
+        t, d = out_shape
+        return [("qkv", (t, 3 * d)), ("proj", (t, d))]
+
 
 class MLPSublayer(nn.Module):
     """x + W2 GELU(W1 LN(x)), hidden width `ratio` x d_model."""
@@ -91,6 +98,12 @@ class MLPSublayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
+
+    def taps(self, out_shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
+        """Feedback points at every weight layer: the hidden GELU output (T, ratio d) and the
+        sub-layer's output (T, d), which is linear in the second projection's."""
+        t, _ = out_shape
+        return [("fc1", (t, self.fc1.out_features)), ("fc2", out_shape)]
 
 
 def _embed(vocab: int, context: int, d_model: int) -> Block:

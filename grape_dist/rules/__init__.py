@@ -60,27 +60,29 @@ def build_stage_rule(cfg: Config, model: BlockModel, first: int, last: int,
                           cfg.pepita.f_scale, cfg.seed, reduce)
     if rule in ("dfa", "drtp", "grape"):
         device = next(p.device for b in blocks for p in b.parameters())
-        # B_l for every hidden block, keyed by (seed, block): the same whatever the partition.
-        # Leaf parameters so that a torch optimiser can step them; they never enter an autograd
-        # graph (GrAPE's gradients come from the closed form of eq. 17).
+        # B_p for every feedback point of the stage's hidden blocks, keyed by (seed, point): the
+        # same whatever the partition. Leaf parameters so that a torch optimiser can step them;
+        # they never enter an autograd graph (GrAPE's gradients come from eq. 17's closed form).
         per_channel = cfg.feedback.conv == "channel"
+        all_points = model.feedback_points(layer=cfg.feedback.points == "layer")
+        points = [pt for pt in all_points if first <= pt.block < last]
         feedback = {
-            i: nn.Parameter(init_feedback(model.signal_spec.signal_width,
-                                          model.feedback_width(i, per_channel),
-                                          keyed_generator(cfg.seed, "feedback", i),
-                                          cfg.feedback.init,
-                                          cfg.feedback.normalize_columns).to(device),
-                            requires_grad=False)
-            for i in range(first, min(last, n - 1))
+            pt.index: nn.Parameter(init_feedback(model.signal_spec.signal_width,
+                                                 model.feedback_width(pt, per_channel),
+                                                 keyed_generator(cfg.seed, "feedback", pt.index),
+                                                 cfg.feedback.init,
+                                                 cfg.feedback.normalize_columns).to(device),
+                                   requires_grad=False)
+            for pt in points
         }
         learner = None
         if rule == "grape":
             # A stage holding only the output block has no B, but still carries tangents.
             b_opt = build_optimizer(list(feedback.values()), cfg.grape.b_optim) \
                 if feedback else None
-            learner = FeedbackLearner(feedback, cfg.grape, cfg.seed, b_opt, num_hidden=n - 1,
-                                      reduce=reduce)
-        return DirectFeedbackRule(blocks, first, n, opt, feedback, name=rule,
+            learner = FeedbackLearner(feedback, cfg.grape, cfg.seed, b_opt,
+                                      num_hidden=len(all_points), reduce=reduce)
+        return DirectFeedbackRule(blocks, first, n, opt, feedback, points=all_points, name=rule,
                                   signal="target" if rule == "drtp" else "error",
                                   learner=learner, streaming=cfg.pipeline.streaming,
                                   head_signal=model.signal_spec.at_head_input, reduce=reduce)

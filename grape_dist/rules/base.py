@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..models import Block
+from ..models import Block, FeedbackPoint
 
 # Sums a list of tensors in place over the data-parallel replicas of a stage.
 Reduce = Callable[[list[torch.Tensor]], None]
@@ -198,6 +198,10 @@ class StageRule:
                 block.train()
         return x
 
-    # Feedback matrices by global block index (direct rules); empty for the others.
+    # Feedback matrices by global feedback-point index (direct rules); empty for the others.
     def feedback_matrices(self) -> dict[int, torch.Tensor]:
         return {}
+
+    def feedback_points(self) -> list[FeedbackPoint]:
+        """Where this stage's feedback matrices sit (direct rules); empty for the others."""
+        return []

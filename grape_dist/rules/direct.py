@@ -24,10 +24,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..models import Block
+from ..models import Block, FeedbackPoint
 from . import feedback as fb
 from .base import MicroBatch, OutputSignal, Reduce, StageRule, accumulate_grad, no_reduce
 from .grape import FeedbackLearner
+from .points import LocalUpdate, tapped_forward
 from .tangents import Rows, block_forward, layer_forward
 
 
@@ -38,6 +39,7 @@ class _Stash:
     outputs: list[torch.Tensor] = field(default_factory=list)  # block outputs, with local graphs
     dense: dict[int, torch.Tensor] = field(default_factory=dict)  # dense blocks' Linear inputs
     directions: dict[int, torch.Tensor] = field(default_factory=dict)  # GrAPE: tangents p_l
+    layers: dict[int, list[LocalUpdate]] = field(default_factory=dict)  # layer points' blocks
     signal: OutputSignal | None = None
     head_input: torch.Tensor | None = None  # head_signal: the head's input (a leaf)
     head_done: bool = False  # head_signal: the head's gradient is already accumulated
@@ -46,8 +48,11 @@ class _Stash:
 class DirectFeedbackRule(StageRule):
     """DFA (`signal='error'`), DRTP (`signal='target'`); GrAPE when a `learner` is given.
 
-    `feedback`: B_l (d_out x n_l) for every hidden block of the stage, by global index; with a
-    learner these are the same parameters the learner refines.
+    `points`: the model's feedback points (`BlockModel.feedback_points`): one per hidden
+    block, or with layer feedback one per weight layer of the blocks that have taps; the stage
+    uses those in its blocks.
+    `feedback`: B_p (d_out x n_p) for every point, by the point's global index; with a learner
+    these are the same parameters the learner refines.
 
     `head_signal` (language models, Launay et al. 2020): the signal is the error at the output
     block's input, from the exact backward of the head, and the tangents stop there; B_l is then
@@ -62,6 +67,7 @@ class DirectFeedbackRule(StageRule):
         optimizer: torch.optim.Optimizer,
         feedback: dict[int, nn.Parameter],
         *,
+        points: list[FeedbackPoint],
         name: str,
         signal: str = "error",
         learner: FeedbackLearner | None = None,
@@ -79,6 +85,11 @@ class DirectFeedbackRule(StageRule):
         self.name = name
         self.signal_kind = signal
         self.B = feedback
+        self.all_points = points
+        self.points = [pt for pt in points if first <= pt.block < first + len(blocks)]
+        self._points_of: list[list[FeedbackPoint]] = [[] for _ in blocks]
+        for pt in self.points:
+            self._points_of[pt.block - first].append(pt)
         self.learner = learner
         self.streaming = streaming
         # Blocks whose local update has a closed form (Linear + activation): updated in one
@@ -88,6 +99,9 @@ class DirectFeedbackRule(StageRule):
 
     def feedback_matrices(self) -> dict[int, torch.Tensor]:
         return {i: b.detach() for i, b in self.B.items()}
+
+    def feedback_points(self) -> list[FeedbackPoint]:
+        return list(self.points)
 
     # -- forward ---------------------------------------------------------------------------
 
@@ -99,6 +113,14 @@ class DirectFeedbackRule(StageRule):
         for offset, block in enumerate(self.blocks):
             i = self.first + offset
             x_in = x.detach()
+            points = self._points_of[offset]
+            if points and points[0].tap is not None:
+                # Layer points: each weight layer's point gets its tangent inside the block.
+                y, tangents, stash.layers[offset] = tapped_forward(
+                    block, x_in, tangents, rows, self._injector(mb, k0, k1, points, stash))
+                stash.outputs.append(y)
+                x = y
+                continue
             if self.head_signal and self.is_output(i):
                 # The tangents stop at the head's input, where the signal is taken.
                 x_in.requires_grad_(True)
@@ -110,15 +132,28 @@ class DirectFeedbackRule(StageRule):
             else:
                 with torch.enable_grad():
                     y, tangents = block_forward(block, x_in, tangents, rows)
-            if self.learner is not None and i in self.B:
-                p = self.learner.draw(i, mb, k0, k1, self._direction_shape(i), y.device)
-                if p is not None:
-                    stash.directions[i] = p
-                    # A channel-shared B: one number per channel, repeated over positions.
-                    tangents = self.learner.route(tangents, p.expand(len(p), *block.out_shape))
+            if points:
+                tangents = self._injector(mb, k0, k1, points, stash)(0, tangents)
             stash.outputs.append(y)
             x = y
         return x.detach(), tangents
+
+    def _injector(self, mb: MicroBatch, k0: int, k1: int, points: list[FeedbackPoint],
+                  stash: _Stash):
+        """inject(j, u): the tangent bundle `u` at the block's j-th point plus that point's
+        tangent (GrAPE; unchanged for the other rules or without tangent rows)."""
+        def inject(j: int, u: torch.Tensor | None) -> torch.Tensor | None:
+            if self.learner is None:
+                return u
+            pt = points[j]
+            p = self.learner.draw(pt.index, mb, k0, k1, self._direction_shape(pt),
+                                  self.B[pt.index].device)
+            if p is None:
+                return u
+            stash.directions[pt.index] = p
+            # A channel-shared B: one number per channel, repeated over positions.
+            return self.learner.route(u, p.expand(len(p), *pt.shape))
+        return inject
 
     @torch.no_grad()
     def _dense_forward(self, offset: int, x: torch.Tensor, tangents, rows: Rows | None,
@@ -134,11 +169,11 @@ class DirectFeedbackRule(StageRule):
         stash.dense[offset] = x
         return y, tangents
 
-    def _direction_shape(self, i: int) -> tuple[int, ...]:
-        """The shape of block i's tangent per row: its output's, or (C, 1, 1) when its B has
-        one column per channel of a (C, H, W) output."""
-        shape = self.blocks[i - self.first].out_shape
-        if len(shape) == 3 and self.B[i].shape[1] == shape[0] != math.prod(shape):
+    def _direction_shape(self, pt: FeedbackPoint) -> tuple[int, ...]:
+        """The shape of a point's tangent per row: the point's, or (C, 1, 1) when its B has
+        one column per channel of a (C, H, W) point."""
+        shape = pt.shape
+        if len(shape) == 3 and self.B[pt.index].shape[1] == shape[0] != math.prod(shape):
             return (shape[0], 1, 1)
         return shape
 
@@ -205,12 +240,20 @@ class DirectFeedbackRule(StageRule):
             src = self._projection_source(stash.signal)
             for offset, y in enumerate(stash.outputs):
                 i = self.first + offset
+                if offset in stash.layers:
+                    feedback = [self.B[pt.index] for pt in self._points_of[offset]]
+                    for update in stash.layers[offset]:
+                        for out, grad in update.grads(src, feedback[:update.taps]):
+                            outputs.append(out)
+                            grads.append(grad)
+                        feedback = feedback[update.taps:]
+                    continue
                 if self.is_output(i):
                     if stash.head_done:
                         continue
                     delta = stash.signal.error.reshape(y.shape)
                 else:
-                    delta = fb.project(src, self.B[i], y.shape)
+                    delta = fb.project(src, self.B[self._points_of[offset][0].index], y.shape)
                 if offset in stash.dense:
                     dense.setdefault(offset, []).append((stash.dense[offset], y, delta))
                 else:

@@ -247,34 +247,45 @@ def _causal_mask(n: int, device: torch.device) -> torch.Tensor:
 
 def attention_forward(layer: AttentionSublayer, x: torch.Tensor, t: torch.Tensor,
                       rows: Rows) -> tuple[torch.Tensor, torch.Tensor]:
-    """x + proj(attn(LN(x))) and its tangent. With S = q k^T / sqrt(d_h) (causal),
-    A = softmax(S), o = A v: dS = (dq k^T + q dk^T) / sqrt(d_h), dA = A * (dS - rowsum(A * dS))
-    (softmax's backward, a symmetric Jacobian again), do = dA v + A dv. The primal uses the fused
-    attention kernel, which does not expose A: A is computed for the tangent rows only."""
+    """x + proj(attn(LN(x))) and its tangent (`attention_tangent` from the tangent of qkv's
+    output)."""
     z = layer.qkv(layer.ln(x))
     q, k, v = layer.split_heads(z)
     o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     y = x + layer.proj(layer.merge_heads(o))
     with torch.no_grad():
-        n_streams = t.shape[0]
-        q, k, v = layer.split_heads(z[rows].detach())
-        dq, dk, dv = layer.split_heads(
-            F.linear(layer_norm_tangent(layer.ln, x[rows].detach(), t),
-                     layer.qkv.weight.detach()))
-        scale = q.shape[-1] ** -0.5
-        kt = k.transpose(-1, -2)
-        a = torch.softmax((q @ kt).mul_(scale).masked_fill_(
-            _causal_mask(q.shape[-2], x.device), float("-inf")), -1)
-        ds = dq @ kt
-        ds += q @ dk.transpose(-1, -2)
-        ds *= scale  # (K, m, H, T, T)
-        if n_streams == 1:
-            da = torch._softmax_backward_data(ds[0], a, -1, a.dtype).unsqueeze(0)
-        else:
-            da = a * (ds - (a * ds).sum(-1, keepdim=True))
-        do = da @ v
-        do += a @ dv
-        return y, t + F.linear(layer.merge_heads(do), layer.proj.weight.detach())
+        dz = F.linear(layer_norm_tangent(layer.ln, x[rows].detach(), t),
+                      layer.qkv.weight.detach())
+        do = attention_tangent(layer, z[rows].detach(), dz)
+        return y, t + F.linear(do, layer.proj.weight.detach())
+
+
+@torch.no_grad()
+def attention_tangent(layer: AttentionSublayer, z: torch.Tensor, dz: torch.Tensor
+                      ) -> torch.Tensor:
+    """The tangent of the merged attention output for qkv outputs `z` (m, T, 3d) of the
+    tangent rows and their tangent bundle `dz` (K, m, T, 3d). With S = q k^T / sqrt(d_h)
+    (causal), A = softmax(S), o = A v: dS = (dq k^T + q dk^T) / sqrt(d_h),
+    dA = A * (dS - rowsum(A * dS)) (softmax's backward, a symmetric Jacobian), do = dA v + A dv.
+    The primal uses the fused attention kernel, which does not expose A: A is computed for the
+    tangent rows only."""
+    n_streams = dz.shape[0]
+    q, k, v = layer.split_heads(z)
+    dq, dk, dv = layer.split_heads(dz)
+    scale = q.shape[-1] ** -0.5
+    kt = k.transpose(-1, -2)
+    a = torch.softmax((q @ kt).mul_(scale).masked_fill_(
+        _causal_mask(q.shape[-2], z.device), float("-inf")), -1)
+    ds = dq @ kt
+    ds += q @ dk.transpose(-1, -2)
+    ds *= scale  # (K, m, H, T, T)
+    if n_streams == 1:
+        da = torch._softmax_backward_data(ds[0], a, -1, a.dtype).unsqueeze(0)
+    else:
+        da = a * (ds - (a * ds).sum(-1, keepdim=True))
+    do = da @ v
+    do += a @ dv
+    return layer.merge_heads(do)
 
 
 def mlp_forward(layer: MLPSublayer, x: torch.Tensor, t: torch.Tensor,
