@@ -41,6 +41,15 @@ TrainSchedule); `bp-native` is this runtime's all-forward-all-backward BP.
 Each point also reports the parameters each rank holds (every rank materialises only its own
 blocks).
 
+    python bench/pipeline.py --preset resnet20 --json out.json   # also a JSON list of records
+    python bench/pipeline.py --methods grape,bp-1f1b --micro 4 --trace traces/
+    python -m grape_dist.report timeline traces/grape_M4 --out grape_M4.png
+
+`--json FILE`: one record per point (bench "pipeline", model = the preset, method, micro_batches,
+ms per mini-batch, peak_mb = the largest rank's, and the settings; a point that did not run has
+ms null and its reason in not_run), rewritten after every point. `--trace DIR`: each point's
+timed steps as per-rank timelines under DIR/<method>_M<m>/ (docs/pipeline.md, Timelines).
+
 The schedule model (bottom of the output) simulates each schedule as per-rank sequences of
 operations whose costs are measured here on one thread for every distinct block of the model
 (forward, BP backward, forward with tangents, the streaming local update, the synchronous
@@ -72,6 +81,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from timing import merge_overrides, record, shipped_form, write_records  # noqa: E402
+
+from grape_dist import trace  # noqa: E402
 from grape_dist.config import load_config  # noqa: E402
 from grape_dist.models import BlockModel, build_model  # noqa: E402
 from grape_dist.models.mlp import dense_factories  # noqa: E402
@@ -198,13 +210,40 @@ def describe(args) -> str:
             f"({n} blocks: embed, {n - 2} layers, head), sequence {p.seq}, vocab {p.vocab}")
 
 
+# The shipped config whose `feedback` and `grape` sections are each preset's dfa / grape form.
+SHIPPED = {"resnet20": "cifar10_resnet20", "transformer": "shakespeare_transformer",
+           "table5": "shakespeare_transformer"}
+
+
+def form_overrides(args, rule: str) -> list[str]:
+    """The direct rules' form: the shipped config's (`--form shipped`) or the paper's (one
+    feedback point per block), then the explicit --routing / --tangent_samples."""
+    form = shipped_form(SHIPPED.get(args.preset, ""), rule) if args.form == "shipped" else []
+    if args.form == "paper":
+        form = ["feedback.points=block"]
+    explicit = [f"grape.routing={args.routing}"] if args.routing else []
+    if args.tangent_samples is not None:
+        explicit.append(f"grape.tangent_samples={args.tangent_samples}")
+    return merge_overrides(form, explicit)
+
+
+def resolve_form(args) -> None:
+    """Fill args.routing / tangent_samples / points from the form (the schedule model and the
+    header need them)."""
+    cfg = load_config(None, [*model_overrides(args), *form_overrides(args, "grape")])
+    args.routing = cfg.grape.routing
+    args.tangent_samples = cfg.grape.tangent_samples
+    args.points = cfg.feedback.points
+
+
 def _config(method: str, args, micro: int, rule: str | None = None,
             stage_blocks: list[int] | None = None):
+    rule = rule or next(o.split("=")[1] for o in METHODS[method] if o.startswith("rule="))
+    form = form_overrides(args, rule) if rule in ("dfa", "grape") else []
     return load_config(None, [
-        *METHODS[method], *([f"rule={rule}"] if rule else []), *model_overrides(args),
+        *METHODS[method], f"rule={rule}", *model_overrides(args),
         "optim.name=sgd", "optim.lr=0.01", "optim.momentum=0.9",
-        f"data.batch_size={args.batch}", f"pipeline.micro_batches={micro}",
-        f"grape.routing={args.routing}", f"grape.tangent_samples={args.tangent_samples}",
+        f"data.batch_size={args.batch}", f"pipeline.micro_batches={micro}", *form,
         *([f"pipeline.stage_blocks={stage_blocks}"] if stage_blocks else []),
     ])
 
@@ -238,6 +277,11 @@ def worker(args) -> None:
     # Checked before joining the group, like the trainer (a refused point prints its reason).
     layout = plan_layout(cfg, len(model.blocks), world, backend_for(device))
     dist.init_process_group(backend_for(device))
+    if args.trace:
+        # The timed steps, one file per rank (before the stages exist: torch's schedules are
+        # instrumented when built).
+        trace.enable(args.trace, dist.get_rank(), skip=args.warmup, steps=args.steps,
+                     device=device)
     if args.method == "bp-deepspeed":
         pipe = DeepSpeedPipe(args, cfg, model, layout, device)
     else:
@@ -268,6 +312,7 @@ def worker(args) -> None:
     peak = torch.tensor([peak_mb], device=device)
     peaks = [torch.zeros(1, device=device) for _ in range(world)]
     dist.all_gather(peaks, peak)
+    trace.save()
     link = _link_cost(args, dist, device, act_elements(args, model)) if args.measure_link \
         else None
     params = pipe.memory_report()["parameters_per_rank"]
@@ -344,8 +389,9 @@ class DeepSpeedPipe:
     def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> torch.Tensor:
         """One mini-batch: M (inputs, labels) micro-batches; DeepSpeed feeds the inputs to the
         first stage and the labels to the last; returns the mean loss (on every rank)."""
-        return self.engine.train_batch(iter(list(zip(x.chunk(self.micro),
-                                                     y.chunk(self.micro)))))
+        with trace.step(step):
+            return self.engine.train_batch(iter(list(zip(x.chunk(self.micro),
+                                                         y.chunk(self.micro)))))
 
     def memory_report(self) -> dict[str, list]:
         return {"parameters_per_rank": self.params}
@@ -466,7 +512,8 @@ def one_block_costs(args, model: BlockModel, i: int, M: int, device: torch.devic
         m = tangent_rows(args, mb)
         if i == 0 or m == 0:
             return None
-        streams = 1 if args.routing == "shared" else i
+        streams = 1 if args.routing == "shared" else len(
+            [p for p in model.feedback_points(args.points == "layer") if p.block < i])
         return torch.randn(streams, m, *model.blocks[i - 1].out_shape, device=device)
 
     def signal(mb: MicroBatch, with_tangents: bool) -> OutputSignal:
@@ -474,7 +521,8 @@ def one_block_costs(args, model: BlockModel, i: int, M: int, device: torch.devic
         pos = rows * spec.positions
         t = None
         if with_tangents and tangent_rows(args, mb):
-            streams = 1 if args.routing == "shared" else n - 1
+            streams = 1 if args.routing == "shared" else len(
+                model.feedback_points(args.points == "layer"))
             t = torch.randn(streams, tangent_rows(args, mb), *spec.tangent_tail(),
                             device=device)
         return OutputSignal(1e-3 * torch.randn(pos, width, device=device),
@@ -712,7 +760,8 @@ def driver(args) -> None:
     print(f"# {platform.machine()} ({_cpu_name()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f} at start), torch {torch.__version__}, {backend}, "
           f"P={args.nproc} ranks x {args.threads} thread(s), {describe(args)}, batch "
-          f"{args.batch}, tangents: routing={args.routing} m={args.tangent_samples or 'all'}"
+          f"{args.batch}, direct rules' form: {args.form} (feedback points: {args.points}, "
+          f"tangents: routing={args.routing} m={args.tangent_samples or 'all'})"
           f", SGD(0.9); median of {args.steps} steps after {args.warmup} warm-up")
     print(f"# command: python bench/pipeline.py {' '.join(sys.argv[1:])}", flush=True)
     # Per-block costs first: the time-balanced split comes from them.
@@ -724,16 +773,20 @@ def driver(args) -> None:
               f"{_point_split(args, 'grape', model, costs[1])}, 2P stages (zb, zbv, dualpipev) "
               f"{_point_split(args, 'bp-zb', model, costs[1])}", flush=True)
     results = []
+    records: list[dict] = []  # --json
     link = None
     for method in args.methods.split(","):
         for m in micro:
             cmd = [torchrun, "--standalone", f"--nproc_per_node={args.nproc}", __file__,
                    "--worker", "--method", method, "--micro", str(m)]
+            trace_dir = Path(args.trace) / f"{method}_M{m}" if args.trace else None
+            if trace_dir is not None:
+                cmd.append(f"--trace={trace_dir}")
             cmd += [f"--{k}={v}" for k, v in (("preset", args.preset), ("batch", args.batch),
                                               ("depth", args.depth), ("blocks", args.blocks),
                                               ("width", args.width), ("threads", args.threads),
                                               ("steps", args.steps), ("warmup", args.warmup),
-                                              ("routing", args.routing),
+                                              ("routing", args.routing), ("form", args.form),
                                               ("device", args.device),
                                               ("tangent_samples", args.tangent_samples))]
             split = _point_split(args, method, model, costs[1])
@@ -744,7 +797,11 @@ def driver(args) -> None:
             r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
             line = next((x for x in r.stdout.splitlines() if x.startswith("RESULT ")), None)
             if line is None:
-                print(f"{method:>13s} M={m}: not run: {_failure(r)}", flush=True)
+                reason = _failure(r)
+                print(f"{method:>13s} M={m}: not run: {reason}", flush=True)
+                if args.json:
+                    records.append(_record(args, method, m, None, not_run=reason))
+                    write_records(args.json, records)
                 continue
             res = json.loads(line[7:])
             link = link or res.get("link")
@@ -753,6 +810,12 @@ def driver(args) -> None:
             print(f"{method:>13s} M={m}: {res['ms']:8.1f} ms/mini-batch "
                   f"{1e3 * args.batch / res['ms']:8.0f} samples/s  peak MB per rank "
                   f"{res['peak_mb']}  parameter MB per rank {param_mb}", flush=True)
+            if trace_dir is not None:
+                print(f"{'':>13s} timeline: {trace_dir} (python -m grape_dist.report "
+                      f"timeline {trace_dir})", flush=True)
+            if args.json:
+                records.append(_record(args, method, m, res))
+                write_records(args.json, records)
     by = {(r["method"], r["M"]): r for r in results}
     print("\n## ratios (same blocks, same micro-batches): BP time / GrAPE time")
     for m in micro:
@@ -763,6 +826,18 @@ def driver(args) -> None:
                     print(f"M={m}: {grape} throughput / {bp} = {b['ms'] / g['ms']:.2f}x; "
                           f"peak memory {max(g['peak_mb']):.0f} vs {max(b['peak_mb']):.0f} MB")
     schedule_model(args, model, costs, micro, results, link)
+
+
+def _record(args, method: str, micro: int, res: dict | None, **extra) -> dict:
+    """A --json record of a point (`res`: the worker's RESULT; None: not run, ms null)."""
+    more = {} if res is None else {
+        "samples_per_s": round(1e3 * args.batch / res["ms"], 1),
+        "peak_mb_per_rank": res["peak_mb"], "params_per_rank": res["params"]}
+    return record("pipeline", args.preset, method, micro, res["ms"] if res else None,
+                  max(res["peak_mb"]) if res else None, nproc=args.nproc,
+                  threads=args.threads, batch=args.batch, steps=args.steps,
+                  warmup=args.warmup, device=args.device, traced=bool(args.trace),
+                  **more, **extra)
 
 
 def schedule_model(args, model: BlockModel, costs, micro: list[int], results: list[dict],
@@ -836,12 +911,25 @@ def main() -> None:
                         "forward time ('': the preset's)")
     p.add_argument("--micro", default="1,4,8")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--routing", default="shared")
-    p.add_argument("--tangent_samples", type=int, default=8)
+    p.add_argument("--form", default="shipped", choices=["shipped", "paper"],
+                   help="the direct rules' form: the preset's shipped config's (feedback "
+                        "points, tangent rows, routing) or the paper's (a point per block)")
+    p.add_argument("--routing", default="", choices=["", "shared", "per_block"],
+                   help="GrAPE's tangent routing ('': the form's)")
+    p.add_argument("--tangent_samples", type=int, default=None,
+                   help="GrAPE's tangent rows (0: every row; default: the form's)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--cost_reps", type=int, default=10,
                    help="timed repeats per per-block cost of the schedule model")
+    p.add_argument("--json", metavar="FILE",
+                   help="also write the measured points as a JSON list of records (bench, "
+                        "model, method, micro_batches, ms per mini-batch, peak_mb: the "
+                        "largest rank's; and the settings), rewritten after every point")
+    p.add_argument("--trace", metavar="DIR",
+                   help="record each point's timed steps as per-rank timelines under "
+                        "DIR/<method>_M<m>/ (grape_dist/trace.py; spans synchronise a GPU, so "
+                        "traced times are not the untraced ones)")
     p.add_argument("--worker", action="store_true")
     p.add_argument("--method", default="grape")
     p.add_argument("--stage_blocks", default="")
@@ -851,6 +939,7 @@ def main() -> None:
     args.batch = args.batch or preset.batch
     args.depth = args.depth or preset.depth
     args.balance = args.balance or preset.balance
+    resolve_form(args)
     if args.worker:
         args.micro = int(args.micro)
         worker(args)

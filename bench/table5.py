@@ -20,6 +20,9 @@ not depend on the values), SGD(0.9), lr 0.01 for every method (the paper's local
   (`pipeline.stage_streams`): after the forward, every block's B step and local update run
   concurrently. `grape-streams-m32`: tangents on 32 rows of the batch.
 - `dfa-streams`: DFA (no tangents) on the same streams.
+- `grape-layer-seq`, `grape-layer-streams`, `dfa-layer-streams`: the same with a feedback point
+  at every weight layer (`feedback.points=layer`, docs/points.md; GrAPE with tangents on 32
+  rows); `grape-layer-graph` (`--grape-graph`): `grape-layer-streams` in one CUDA graph.
 - `grape-graph` (CUDA, `--grape-graph`): `grape-streams`' whole step (forward, signal, every
   stage's B step and update, with its stream forks and joins) captured in one CUDA graph and
   replayed, as `bp-graph` is for BP. Inside the graph the tangent noise comes from the default
@@ -68,6 +71,12 @@ ENGINE_METHODS = {
     "grape-streams-m32": (["rule=grape", "grape.routing=shared", "grape.tangent_samples=32"],
                           True),
     "dfa-streams": (["rule=dfa"], True),
+    # Feedback at every weight layer (docs/points.md), the shipped form of the CPU transformer.
+    "grape-layer-seq": (["rule=grape", "grape.routing=shared", "feedback.points=layer",
+                         "grape.tangent_samples=32"], False),
+    "grape-layer-streams": (["rule=grape", "grape.routing=shared", "feedback.points=layer",
+                             "grape.tangent_samples=32"], True),
+    "dfa-layer-streams": (["rule=dfa", "feedback.points=layer"], True),
 }
 
 
@@ -248,7 +257,8 @@ def main() -> None:
             steps["bp-graph"] = graphed_bp_step(args, depth, device, x, y)
         graphs = {"grape-graph": ("grape-streams", True),
                   "grape-graph-seq": ("grape-streams", False),
-                  "grape-graph-m32": ("grape-streams-m32", True)}
+                  "grape-graph-m32": ("grape-streams-m32", True),
+                  "grape-layer-graph": ("grape-layer-streams", True)}
         for method, (like, streams) in graphs.items():
             if device.type != "cuda" or not args.grape_graph or not want(method):
                 continue

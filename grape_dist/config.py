@@ -204,6 +204,9 @@ class PipelineConfig:
     # (zero bubble V) and `dualpipev` (both V-shaped: rank r holds stages r and 2pp - 1 - r).
     schedule: Literal["native", "gpipe", "1f1b", "zero_bubble", "zbv", "dualpipev"] = "native"
     timeout_s: float = 300.0
+    # Across ranks: messages (activations, gradients) a rank may have in flight before a send
+    # waits for its oldest one; bounds the memory they hold (distributed/transport.py).
+    max_sends_in_flight: int = 4
     # Direct rules: broadcast each micro-batch's signal as soon as it exists and update at once,
     # so a stage holds ~pp micro-batches of activations (like 1F1B) instead of all of them.
     # For GrAPE the weight update then uses B from before this mini-batch's B step (which still
@@ -544,6 +547,8 @@ def validate(cfg: Config) -> None:
     _check(all(b >= 1 for b in p.stage_blocks), "pipeline.stage_blocks",
            f"block counts must be >= 1, got {p.stage_blocks}")
     _check(p.timeout_s > 0, "pipeline.timeout_s", "must be > 0")
+    _check(p.max_sends_in_flight >= 1, "pipeline.max_sends_in_flight",
+           f"must be >= 1, got {p.max_sends_in_flight}")
     if p.streaming:
         _check(cfg.rule in DIRECT_RULES, "pipeline.streaming",
                f"applies to rules {', '.join(DIRECT_RULES)}, not '{cfg.rule}'")

@@ -4,6 +4,8 @@
     python -m grape_dist.report runs/a runs/b --title "MLP sweep"
     # refresh the generated blocks of docs/results.md, keeping the prose around them
     python -m grape_dist.report runs/ --out docs/results --results-page docs/results.md
+    # the ranks' timelines recorded with --trace, as one PNG (docs/pipeline.md, Timelines)
+    python -m grape_dist.report timeline runs/x/trace --out timeline.png [--steps 2]
 
 Runs are grouped by (dataset, model, rule, calibration interval T, other config keys that differ
 between runs of the same rule → a label); seeds are pooled within a group, and every number is
@@ -32,7 +34,7 @@ from typing import Any
 import yaml
 
 RULE_ORDER = ("bp", "fa", "dfa", "drtp", "pepita", "grape")
-PARTS = ("table", "curve", "alignment", "calibration")
+PARTS = ("table", "curve", "alignment", "calibration", "time")
 
 # Config keys that do not change what a run learns (or only like a seed does): runs differing
 # only in these are pooled. Anything ending in ".fused" is ignored too (same arithmetic).
@@ -89,6 +91,9 @@ class Run:
     config: dict[str, Any]
     summary: dict[str, Any]
     rows: list[dict[str, Any]]
+    # timing.jsonl: per evaluation, the training seconds (steps and calibrations) and wall
+    # seconds so far; empty for runs written before it existed.
+    timing: list[dict[str, Any]] = field(default_factory=list)
 
     @cached_property
     def flat(self) -> dict[str, Any]:
@@ -182,7 +187,7 @@ def load_run(path: Path, rel: str) -> Run:
         except yaml.YAMLError as exc:
             raise ReportError(f"{path / 'config.yaml'}: unreadable YAML ({exc})") from exc
     return Run(path, rel, config if isinstance(config, dict) else {}, summary,
-               _read_jsonl(path / "metrics.jsonl"))
+               _read_jsonl(path / "metrics.jsonl"), _read_jsonl(path / "timing.jsonl"))
 
 
 def discover(paths: Sequence[str | Path]) -> list[Run]:
@@ -429,6 +434,61 @@ def plot_curves(groups: Sequence[Group], path: Path, title: str) -> bool:
     return True
 
 
+def metric_over_time(run: Run) -> list[tuple[float, float]]:
+    """(training seconds, test metric) after each evaluation: accuracy in percent, or
+    perplexity, from metrics.jsonl and timing.jsonl (matched by step)."""
+    lm = run.is_lm
+    key = "perplexity" if lm else "accuracy"
+    seconds = {r.get("step"): _finite(r.get("train_seconds")) for r in run.timing}
+    out = []
+    for row in run.test_rows:
+        t, v = seconds.get(row.get("step")), _scaled(row.get(key), lm)
+        if t is not None and v is not None:
+            out.append((t, v))
+    return out
+
+
+def time_to_reach(run: Run, target: float) -> float | None:
+    """Training seconds until the run's test metric first reaches `target` (accuracy at least,
+    perplexity at most), interpolated linearly between evaluations; None if it never does."""
+    lower_is_better = run.is_lm
+    prev = (0.0, None)
+    for t, v in metric_over_time(run):
+        if (v <= target) if lower_is_better else (v >= target):
+            t0, v0 = prev
+            if v0 is None or v0 == v:
+                return t
+            return t0 + (t - t0) * (target - v0) / (v - v0)
+        prev = (t, v)
+    return None
+
+
+def plot_time(groups: Sequence[Group], path: Path, title: str) -> bool:
+    """The test metric against training wall-clock seconds, one line per run."""
+    lm = any(g.is_lm for g in groups)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    drawn = False
+    for i, g in enumerate(groups):
+        for j, run in enumerate(g.runs):
+            pts = metric_over_time(run)
+            if not pts:
+                continue
+            ax.plot([0.0] + [t for t, _ in pts], [None] + [v for _, v in pts], marker="o",
+                    ms=3, color=f"C{i % 10}", label=g.name if j == 0 else None)
+            drawn = True
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xlabel("training time (s; steps and calibrations, no evaluation)")
+    ax.set_ylabel("test perplexity" if lm else "test accuracy (%)")
+    ax.set_title(f"{title}: test metric against training time", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    _save(fig, path)
+    return True
+
+
 def plot_alignment(groups: Sequence[Group], path: Path, title: str, metric: str) -> bool:
     panels = []
     for g in groups:
@@ -552,7 +612,9 @@ def render_sections(runs: Sequence[Run], out: Path, link_base: Path, prefix: str
                  ("alignment", f"per-block {metric}",
                   lambda p, g=groups, t=title: plot_alignment(g, p, t, metric)),
                  ("calibration", "final test metric vs calibration interval T",
-                  lambda p, g=groups, t=title: plot_calibration(g, p, t))]
+                  lambda p, g=groups, t=title: plot_calibration(g, p, t)),
+                 ("time", "test metric vs training time",
+                  lambda p, g=groups, t=title: plot_time(g, p, t))]
         for part, alt, draw in plots:
             path = out / f"{stem}_{part}.png"
             if part in parts and draw(path):
@@ -590,7 +652,7 @@ def update_results_page(page: Path, runs: Sequence[Run], out: Path, command: str
     """Regenerate each `<!-- report:begin GLOB [PART ...] -->` … `<!-- report:end GLOB -->`
     block of `page` from the runs whose relative path matches GLOB (fnmatch: `*` also crosses
     `/`), leaving everything outside the markers as it is. PARTS: any of table, curve,
-    alignment, calibration (default: all). Plots go to out/<GLOB as a slug>/. Returns
+    alignment, calibration, time (default: all). Plots go to out/<GLOB as a slug>/. Returns
     warnings (blocks that match no run are left unchanged)."""
     from .fileio import atomic_write_text
 
@@ -649,6 +711,191 @@ def update_results_page(page: Path, runs: Sequence[Run], out: Path, command: str
 # -- command line ---------------------------------------------------------------------------
 
 
+# -- timelines (grape_dist/trace.py files) -------------------------------------------------------
+
+# Fixed colours for the runtime's span names (others take the next free tab20 colour).
+SPAN_COLOURS = {
+    "step": "#d9d9d9", "calibration": "#bdbdbd",
+    "forward": "#1f77b4", "tangents": "#aec7e8", "loss": "#17becf",
+    "backward": "#ff7f0e", "backward weight": "#ffbb78", "modulated forward": "#9edae5",
+    "update": "#2ca02c", "B step": "#98df8a", "local update": "#bcbd22", "optimiser": "#9467bd",
+    "recv": "#d62728", "send": "#ff9896", "broadcast": "#8c564b", "broadcast wait": "#e377c2",
+    "all_reduce": "#c49c94", "flush": "#f7b6d2", "p2p wait": "#d62728",
+}
+LANE_ORDER = ("step", "compute", "comm")
+
+
+@dataclass
+class Span:
+    rank: int
+    lane: str
+    name: str
+    start: float  # µs, on the files' common clock
+    dur: float  # µs
+    depth: int = 0  # nesting within its lane (0: outermost)
+
+
+def load_traces(paths: Sequence[str | Path]) -> list[Span]:
+    """The complete ("X") events of every trace_rank*.json in `paths` (folders or files)."""
+    files: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            found = sorted(path.glob("trace_rank*.json"))
+            if not found:
+                raise ReportError(f"{path}: no trace_rank*.json here (record one with --trace)")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ReportError(f"{path}: no such file or folder")
+    spans: list[Span] = []
+    for f in files:
+        try:
+            events = json.loads(f.read_text())["traceEvents"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ReportError(f"{f}: not a trace file ({exc})") from None
+        lanes = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+                 if e.get("ph") == "M" and e.get("name") == "thread_name"}
+        for e in events:
+            if e.get("ph") == "X":
+                lane = lanes.get((e["pid"], e["tid"]), str(e["tid"]))
+                spans.append(Span(int(e["pid"]), lane, e["name"], float(e["ts"]),
+                                  float(e.get("dur", 0.0))))
+    # Nesting depth per (rank, lane): a span starting inside an open one is its child.
+    spans.sort(key=lambda s: (s.rank, s.lane, s.start, -s.dur))
+    stack: list[Span] = []
+    for s in spans:
+        while stack and (stack[-1].rank, stack[-1].lane) != (s.rank, s.lane) or \
+                stack and s.start >= stack[-1].start + stack[-1].dur:
+            stack.pop()
+        s.depth = len(stack)
+        stack.append(s)
+    return spans
+
+
+def timeline_window(spans: Sequence[Span], steps: int) -> tuple[float, float]:
+    """[start, end] in µs: the first `steps` steps of every rank (0: everything)."""
+    start = min(s.start for s in spans)
+    end = max(s.start + s.dur for s in spans)
+    step_spans = [s for s in spans if s.lane == "step" and s.depth == 0]
+    if steps > 0 and step_spans:
+        ends = []
+        for rank in sorted({s.rank for s in step_spans}):
+            mine = sorted((s for s in step_spans if s.rank == rank), key=lambda s: s.start)
+            last = mine[min(steps, len(mine)) - 1]
+            ends.append(last.start + last.dur)
+        start = min(s.start for s in step_spans)
+        end = max(ends)
+    return start, end
+
+
+def _busy(spans: Sequence[Span], rank: int, t0: float, t1: float) -> float | None:
+    """The fraction of rank's step time its compute lane was busy, within [t0, t1]."""
+    def clipped(s: Span) -> float:
+        return max(0.0, min(s.start + s.dur, t1) - max(s.start, t0))
+    steps = sum(clipped(s) for s in spans if s.rank == rank and s.lane == "step"
+                and s.depth == 0)
+    work = sum(clipped(s) for s in spans if s.rank == rank and s.lane == "compute"
+               and s.depth == 0)
+    return work / steps if steps > 0 else None
+
+
+def timeline_summary(spans: Sequence[Span], window: tuple[float, float]) -> str:
+    """Per rank: milliseconds and count of each span name inside the window, and how busy
+    the compute lane was during the steps."""
+    t0, t1 = window
+    lines = []
+    for rank in sorted({s.rank for s in spans}):
+        per: dict[str, list[float]] = {}
+        for s in spans:
+            if s.rank == rank and s.start >= t0 and s.start + s.dur <= t1:
+                per.setdefault(s.name, []).append(s.dur)
+        busy = _busy(spans, rank, t0, t1)
+        parts = [f"{n} {sum(d) / 1e3:.1f} ms ({len(d)})" for n, d in
+                 sorted(per.items(), key=lambda kv: -sum(kv[1]))]
+        lines.append(f"rank {rank}" + (f" (compute busy {100 * busy:.0f}% of its steps)"
+                                       if busy is not None else "") + ": " + ", ".join(parts))
+    return "\n".join(lines)
+
+
+def plot_timeline(spans: Sequence[Span], path: Path, title: str, steps: int = 0) -> None:
+    """One row per (rank, lane), a box per span coloured by its name, nested spans drawn
+    thinner on top of their parents; time in ms from the window's start."""
+    if not spans:
+        raise ReportError("the trace files hold no spans (was any step inside the window?)")
+    t0, t1 = timeline_window(spans, steps)
+    shown = [s for s in spans if s.start < t1 and s.start + s.dur > t0]
+    lanes = sorted({(s.rank, s.lane) for s in shown},
+                   key=lambda rl: (rl[0], LANE_ORDER.index(rl[1]) if rl[1] in LANE_ORDER
+                                   else len(LANE_ORDER), rl[1]))
+    row = {rl: i for i, rl in enumerate(lanes)}
+    names = list(dict.fromkeys(s.name for s in sorted(shown, key=lambda s: s.start)))
+    spare = iter(f"C{i}" for i in range(10))
+    colours = {n: SPAN_COLOURS.get(n) or next(spare, "#7f7f7f") for n in names}
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(13, 0.9 + 0.42 * len(lanes)))
+    for depth in range(max(s.depth for s in shown) + 1):
+        height = max(0.8 - 0.22 * depth, 0.25)
+        for name in names:
+            mine = [s for s in shown if s.depth == depth and s.name == name]
+            if not mine:
+                continue
+            for r in {row[(s.rank, s.lane)] for s in mine}:
+                bars = [((max(s.start, t0) - t0) / 1e3,
+                         (min(s.start + s.dur, t1) - max(s.start, t0)) / 1e3)
+                        for s in mine if row[(s.rank, s.lane)] == r]
+                ax.broken_barh(bars, (r - height / 2, height), facecolors=colours[name],
+                               edgecolors="black", linewidth=0.3)
+    labels = []
+    for rank, lane in lanes:
+        label = f"rank {rank} {lane}"
+        if lane == "compute":
+            busy = _busy(spans, rank, t0, t1)
+            if busy is not None:
+                label += f" ({100 * busy:.0f}% busy)"
+        labels.append(label)
+    ax.set_yticks(range(len(lanes)), labels, fontsize=8)
+    ax.set_ylim(len(lanes) - 0.5, -0.5)  # rank 0 on top
+    ax.set_xlim(0, (t1 - t0) / 1e3)
+    ax.set_xlabel("time (ms)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_title(title, fontsize=10)
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(facecolor=colours[n], edgecolor="black", linewidth=0.3, label=n)
+                       for n in names], fontsize=7, loc="upper left",
+              bbox_to_anchor=(1.01, 1), frameon=False)
+    _save(fig, path)
+
+
+def timeline_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="python -m grape_dist.report timeline",
+        description="Draw the ranks' timelines (trace_rank<R>.json files written by "
+                    "--trace) as one PNG: a row per rank and lane, a box per span.")
+    p.add_argument("traces", nargs="+", metavar="TRACE_DIR",
+                   help="a folder of trace_rank*.json files (e.g. <out>/trace), or files")
+    p.add_argument("--out", help="the PNG (default: timeline.png in the first TRACE_DIR)")
+    p.add_argument("--steps", type=int, default=0,
+                   help="draw only each rank's first N recorded steps (default: all)")
+    p.add_argument("--title", default="", help="the plot's title")
+    args = p.parse_args(argv)
+    try:
+        spans = load_traces(args.traces)
+        first = Path(args.traces[0])
+        out = Path(args.out) if args.out else (first if first.is_dir() else first.parent) \
+            / "timeline.png"
+        title = args.title or f"timeline: {args.traces[0]}"
+        plot_timeline(spans, out, title, args.steps)
+        print(timeline_summary(spans, timeline_window(spans, args.steps)))
+        print(f"{out}: {len({s.rank for s in spans})} ranks")
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m grape_dist.report", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -667,9 +914,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["timeline"]:  # a run folder named timeline: give it as ./timeline
+        return timeline_main(argv[1:])
     args = parse_args(argv)
-    command = shlex.join(["python", "-m", "grape_dist.report",
-                          *(sys.argv[1:] if argv is None else argv)])
+    command = shlex.join(["python", "-m", "grape_dist.report", *argv])
     try:
         runs = discover(args.run_dirs)
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report"

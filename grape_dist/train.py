@@ -20,6 +20,10 @@ Checkpoints go to <out>/checkpoints/ at every epoch end (and every `train.checkp
 steps). Ctrl-C (SIGINT) or SIGTERM finishes the current step, writes a checkpoint and exits;
     python -m grape_dist.train --resume runs/mlp_grape      # continues it (same ranks)
 An existing run folder is never overwritten silently: --resume it or pass --overwrite.
+
+--trace [DIR] writes a timeline per rank (DIR, default <out>/trace/: trace_rank<R>.json, for
+Perfetto or `python -m grape_dist.report timeline DIR`) of --trace-steps steps (20) after
+--trace-skip warm-up steps (5); docs/pipeline.md, Timelines.
 """
 
 from __future__ import annotations
@@ -55,6 +59,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "config.yaml; overrides may change only train.epochs and the like)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace the run already in --out (its metrics, checkpoints, ...)")
+    p.add_argument("--trace", nargs="?", const="", metavar="DIR",
+                   help="write a timeline per rank (Chrome/Perfetto JSON, DIR/trace_rank<R>.json"
+                        "; DIR defaults to <out>/trace); see docs/pipeline.md, Timelines")
+    p.add_argument("--trace-steps", type=int, default=20, metavar="N",
+                   help="with --trace: record N steps (default 20)")
+    p.add_argument("--trace-skip", type=int, default=5, metavar="N",
+                   help="with --trace: after the first N steps (warm-up; default 5)")
     # The deepspeed launcher passes --local_rank (its environment has RANK and WORLD_SIZE).
     p.add_argument("--local_rank", "--local-rank", type=int, default=None,
                    help=argparse.SUPPRESS)
@@ -181,6 +192,36 @@ def prepare_output(args: argparse.Namespace) -> Path | None:
     return None
 
 
+def trace_folder(args: argparse.Namespace) -> Path | None:
+    """Where --trace writes (None: not tracing): its DIR, else <out>/trace."""
+    if args.trace is None:
+        return None
+    if args.trace_steps < 1 or args.trace_skip < 0:
+        raise UsageError(f"--trace-steps must be >= 1 and --trace-skip >= 0, got "
+                         f"{args.trace_steps} and {args.trace_skip}")
+    if args.trace and "=" in args.trace:
+        raise UsageError(f"--trace took {args.trace!r} as its folder: put the overrides before "
+                         "--trace, or give a folder (--trace DIR)")
+    if args.trace:
+        return Path(args.trace)
+    if not args.out:
+        raise UsageError("--trace without a folder writes to <out>/trace: give --out or "
+                         "--trace DIR")
+    return Path(args.out) / "trace"
+
+
+@contextlib.contextmanager
+def _saving_trace(trace) -> Iterator[None]:
+    """Write this rank's timeline when training ends, also when it fails (whatever was
+    recorded; a no-op without --trace)."""
+    try:
+        yield
+    finally:
+        path = trace.save()
+        if path is not None:
+            logging.getLogger("grape_dist").info("timeline: %s", path)
+
+
 def refuse(exc: StartupError, rank: int, world_size: int) -> int:
     """One line for a run that cannot start, exit code 2. Inside the group the ranks compare
     their checks (RankFailures) and rank 0 speaks for all. Before it, every rank checks the same
@@ -206,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         fault_from_env()  # a malformed GRAPE_FAULT is refused here, not at its step
         resume_after_restart(args)
         resume = prepare_output(args)
+        trace_dir = trace_folder(args)
         config_path = str(Path(args.resume) / "config.yaml") if args.resume else args.config
         cfg = load_config(config_path, args.overrides)
         from .distributed import backend_for, resolve_device
@@ -235,12 +277,16 @@ def main(argv: list[str] | None = None) -> int:
 
         silence_progress_bars()
 
+    from . import trace
     from .distributed import peer_failure, process_group
     from .trainer import NonFiniteError, Trainer, TrainingInterrupted
 
+    if trace_dir is not None:
+        trace.enable(trace_dir, rank, skip=args.trace_skip, steps=args.trace_steps,
+                     device=device)
     trainer = None
     try:
-        with process_group(cfg.pipeline.timeout_s, device):
+        with process_group(cfg.pipeline.timeout_s, device), _saving_trace(trace):
             # Data, resume checks and stages: errors here still come before the first step.
             trainer = Trainer(cfg, args.out, device, layout, resume=resume,
                               overwrite=args.overwrite)

@@ -81,6 +81,9 @@ class TrainState:
     epoch_done: bool = True  # whether `epoch` is finished (trained, calibrated, evaluated)
     metrics_rows: int = 0  # lines of metrics.jsonl written so far
     elapsed_s: float = 0.0  # training time before this process (resumed runs)
+    # Seconds spent in training steps and calibrations so far (no evaluation, probe or
+    # checkpoint): the clock of time-to-accuracy comparisons (timing.jsonl).
+    train_s: float = 0.0
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -445,10 +448,14 @@ class Trainer:
             lr = scheduled_lr(cfg.optim, epoch, cfg.train.epochs)
             for opt in self.engine.optimizers:
                 set_lr(opt, lr)
+            t_train = time.perf_counter()
             train_loss, train_acc, stats = self.train_epoch(epoch)
+            state.train_s += time.perf_counter() - t_train
             calibrated, trigger_cos = self.calibration_due(epoch)
             if calibrated:
+                t_train = time.perf_counter()
                 self.calibrate(epoch)
+                state.train_s += time.perf_counter() - t_train
                 self.tb.calibration(state.step, len(state.calibrations))
             if epoch % cfg.train.eval_every and epoch != cfg.train.epochs:
                 state.epoch_done = True
@@ -474,6 +481,10 @@ class Trainer:
                          "alignment": align}):
                 self.writer.metrics(row)
                 self.tb.evaluation(row)
+            # Clocks apart from metrics.jsonl, which stays the same on any layout or resume.
+            self.writer.timing({**base, "train_seconds": round(state.train_s, 3),
+                                "wall_seconds": round(state.elapsed_s + time.perf_counter()
+                                                      - self._t0, 3)})
             cos = " ".join(f"{n}:{v['grad_cos']:.2f}" for n, v in align.items())
             log.info("epoch %d/%d step %d | train loss %.4f acc %.4f | test loss %.4f acc %.4f%s"
                      "%s | %.1fs", epoch, cfg.train.epochs, self.state.step, train_loss,

@@ -46,15 +46,15 @@ def sgd_config(rule: str, *extra: str) -> Config:
 
 
 def one_step(cfg: Config, model: BlockModel, x: torch.Tensor, y: torch.Tensor):
-    """Run one mini-batch of `cfg.rule` on a copy of `model`; returns (old params, new params,
-    the stage rule)."""
+    """Run one mini-batch of `cfg.rule` on a copy of `model` (a language model's signal taken at
+    the head's input); returns (old params, new params, the stage rule)."""
     model = copy.deepcopy(model)
     old = {k: v.detach().clone() for k, v in model.named_parameters()}
     rule = build_stage_rule(cfg, model, 0, len(model.blocks))
     mb = MicroBatch(0, 0, 0, len(y), len(y))
     h, t = rule.forward(mb, x, None)
     _, _, signal = output_signal(h, y, len(y), t)
-    rule.backward(mb, signal, None)
+    rule.backward(mb, rule.signal_at_output(mb, signal), None)
     if rule.second_pass:
         rule.modulated_forward(mb, signal, None)
     rule.finish_step()

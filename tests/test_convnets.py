@@ -35,14 +35,6 @@ def tiny(name: str, classes: int = 5, dropout: float = 0.5):
     return build((3, 32, 32), classes, width, dropout)
 
 
-@pytest.fixture
-def float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 # -- the models ---------------------------------------------------------------------------------
 
 

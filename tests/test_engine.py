@@ -16,7 +16,7 @@ from grape_dist.rng import keyed_generator
 from grape_dist.rules.feedback import frobenius_cosine, jacobian_estimate
 from grape_dist.rules.tangents import block_forward
 from grape_dist.runtime import Layout, LayoutError, build_engine, plan_layout
-from grape_dist.runtime.transport import InFlightError
+from grape_dist.runtime.transport import InFlightError, MessageMismatch
 
 CPU = torch.device("cpu")
 SPLITS = {1: [(0, 3)], 2: [(0, 1), (1, 3)], 3: [(0, 1), (1, 2), (2, 3)]}
@@ -107,9 +107,14 @@ def test_a_stray_message_is_caught_at_the_end_of_the_mini_batch():
     engine = _engine("dfa", 2, 2)
     x, y = torch.randn(4, 2, 8, 8), torch.tensor([0, 1, 2, 0])
     engine.train_step(x, y, 0)
-    # A well-formed extra activation for stage 1: one real message is left unreceived.
-    engine.transport.send([torch.zeros(2, 3, 4, 4), None], 0, 1)
+    # A well-formed message that no stage receives (DFA sends nothing back) is left over.
+    engine.transport.send([torch.zeros(2, 3, 4, 4), None], 1, 0)
     with pytest.raises(InFlightError, match="in flight"):
+        engine.train_step(x, y, 1)
+    # An extra activation for stage 1 shifts its messages: the first key that differs says so.
+    engine = _engine("dfa", 2, 2)
+    engine.transport.send([torch.zeros(2, 3, 4, 4), None], 0, 1)
+    with pytest.raises(MessageMismatch, match="mixes messages up"):
         engine.train_step(x, y, 1)
 
 

@@ -10,7 +10,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import freeze_batch_statistics, sgd_config
+from helpers import freeze_batch_statistics, one_step, sgd_config
 from torch.func import jacrev, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -23,12 +23,8 @@ from grape_dist.rules.points import tapped_forward
 VOCAB, CONTEXT, D = 11, 6, 8
 
 
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# Every test in float64 (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def resnet():
@@ -269,19 +265,6 @@ def _layer_update(layer, x, deltas):
     return grads
 
 
-def _one_step(cfg, model, x, y):
-    """helpers.one_step, with the head-input signal of a language model."""
-    model = copy.deepcopy(model)
-    old = {k: v.detach().clone() for k, v in model.named_parameters()}
-    rule = build_stage_rule(cfg, model, 0, len(model.blocks))
-    mb = MicroBatch(0, 0, 0, len(y), len(y))
-    h, t = rule.forward(mb, x, None)
-    _, _, signal = output_signal(h, y, len(y), t)
-    rule.backward(mb, rule.signal_at_output(mb, signal), None)
-    rule.finish_step()
-    return old, {k: v.detach().clone() for k, v in model.named_parameters()}, rule
-
-
 @pytest.mark.parametrize("model_name", ["resnet", "transformer-macro", "transformer-micro"])
 def test_dfa_with_layer_points_matches_the_closed_form(model_name):
     """One SGD step (lr 1) of DFA with layer points: every weight of a block with points moves
@@ -294,7 +277,7 @@ def test_dfa_with_layer_points_matches_the_closed_form(model_name):
         model = transformer(model_name.split("-")[1])
         extra = ["data.name=shakespeare", "model.name=transformer"]
         x, y = tokens(3), tokens(3, seed=1)
-    old, new, rule = _one_step(sgd_config("dfa", "feedback.points=layer", *extra), model, x, y)
+    old, new, rule = one_step(sgd_config("dfa", "feedback.points=layer", *extra), model, x, y)
     b = rule.feedback_matrices()
     ref = copy.deepcopy(model)
     # The error: at the logits, or the exact gradient at the head's input.

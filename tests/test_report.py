@@ -69,7 +69,7 @@ def test_plots_are_png_and_linked(made: Path) -> None:
     assert text.startswith("# Tiny MLP\n")
     links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
     assert links == ["mnist_mlp_curve.png", "mnist_mlp_alignment.png",
-                     "mnist_mlp_calibration.png"]
+                     "mnist_mlp_calibration.png", "mnist_mlp_time.png"]
     for link in links:
         path = made / link  # relative to report.md
         assert path.stat().st_size > 0
@@ -217,3 +217,25 @@ def test_results_page_unclosed_marker(runs_root: Path, tmp_path: Path) -> None:
     assert r.stderr.strip().splitlines() == [
         f"error: {page}:2: report:begin mlp/* has no report:end mlp/*"]
     assert page.read_text() == "a\n<!-- report:begin mlp/* -->\nb\n"
+
+
+def test_time_to_accuracy_from_the_runs_clocks(runs_root: Path, made: Path) -> None:
+    """Every real run writes timing.jsonl (one row per evaluation, training seconds rising);
+    the report draws the metric against training time and reads off the time to a target."""
+    from grape_dist.report import discover, metric_over_time, time_to_reach
+
+    runs = discover([runs_root])
+    for run in runs:
+        assert [r["epoch"] for r in run.timing] == [1, 2]
+        seconds = [r["train_seconds"] for r in run.timing]
+        assert 0 < seconds[0] < seconds[1] <= run.timing[1]["wall_seconds"]
+        pts = metric_over_time(run)
+        assert [t for t, _ in pts] == seconds
+        assert [v for _, v in pts] == [100 * r["accuracy"] for r in run.test_rows]
+        first, last = pts[0][1], pts[1][1]
+        assert time_to_reach(run, first) == seconds[0]
+        assert time_to_reach(run, max(first, last) + 1) is None
+        if last > first:  # linear between the two evaluations
+            mid = (first + last) / 2
+            assert time_to_reach(run, mid) == pytest.approx((seconds[0] + seconds[1]) / 2)
+    assert list(made.glob("*_time.png"))

@@ -47,8 +47,10 @@ def test_depths_and_shapes():
         build_resnet((3, 32, 32), 10, 21)
 
 
-@pytest.mark.parametrize("rule,extra", [("bp", []), ("dfa", []),
-                                        ("grape", ["grape.tangent_samples=3"])])
+@pytest.mark.parametrize("rule,extra", [
+    ("bp", []), ("dfa", []), ("grape", ["grape.tangent_samples=3"]),
+    ("dfa", ["feedback.points=layer"]),
+    ("grape", ["grape.tangent_samples=3", "feedback.points=layer", "feedback.conv=channel"])])
 def test_stage_splits_with_the_same_micro_batches_follow_one_trajectory(rule, extra):
     """BatchNorm normalises each micro-batch by its own statistics, so a split over stages
     changes nothing as long as the micro-batches are the same."""

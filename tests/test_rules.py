@@ -13,13 +13,8 @@ from torch.func import functional_call, grad
 from grape_dist.rng import keyed_generator
 from grape_dist.rules import build_stage_rule
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# Every test in float64 (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 def _data(n=6, d_in=5, d_out=3, seed=1):

@@ -15,13 +15,8 @@ from grape_dist.models import Block
 from grape_dist.rules import MicroBatch, build_stage_rule, output_signal
 from grape_dist.rules.tangents import block_forward, generic_layer_forward, layer_forward
 
-
-@pytest.fixture(autouse=True)
-def _float64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+# Every test in float64 (tests/conftest.py).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 LAYERS = [

@@ -92,7 +92,10 @@ def test_position_shared_jacobian_estimate_is_unbiased():
 
 @pytest.mark.parametrize("rule,extra", [("bp", []), ("dfa", []),
                                         ("grape", ["grape.tangent_samples=3"]),
-                                        ("grape", ["grape.routing=shared"])])
+                                        ("grape", ["grape.routing=shared"]),
+                                        ("dfa", ["feedback.points=layer"]),
+                                        ("grape", ["feedback.points=layer",
+                                                   "grape.tangent_samples=3"])])
 @pytest.mark.parametrize("feedback", ["macro", "micro"])
 def test_stage_splits_and_micro_batches_follow_one_trajectory(rule, extra, feedback):
     x, y = tokens(6), tokens(6, seed=1)

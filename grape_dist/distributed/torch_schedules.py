@@ -25,6 +25,7 @@ from torch.distributed.pipelining import (
     ScheduleZBVZeroBubble,
 )
 
+from .. import trace
 from ..models import BlockModel
 from ..rules import BackpropRule
 from ..runtime.schedules import Batch, LocalStages, Schedule, StepResult
@@ -39,6 +40,29 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B,
 def _mean_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """The mean over every output position: (N, C) logits, or a language model's (N, T, C)."""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def _traced(fn, name: str, lane: str = "compute", index: int | None = None):
+    def wrapper(*args, **kwargs):
+        mb = args[0] if args else None
+        with trace.span(name, lane, **({"stage": index, "mb": mb} if index is not None
+                                          else {})):
+            return fn(*args, **kwargs)
+    wrapper.__wrapped__ = fn
+    return wrapper
+
+
+def _trace_torch_pipelining(stages: list[PipelineStage]) -> None:
+    """Timeline spans (grape_dist/trace.py) inside torch's schedules: each stage's forward,
+    backward and weight-backward chunk, and the schedules' waits for their transfers."""
+    for st in stages:
+        for attr, name in (("forward_one_chunk", "forward"), ("backward_one_chunk", "backward"),
+                           ("backward_weight_one_chunk", "backward weight")):
+            setattr(st, attr, _traced(getattr(st, attr), name, index=st.stage_index))
+    import torch.distributed.pipelining.schedules as schedules
+
+    if not hasattr(schedules._wait_batch_p2p, "__wrapped__"):
+        schedules._wait_batch_p2p = _traced(schedules._wait_batch_p2p, "p2p wait", "comm")
 
 
 class TorchPipelineSchedule(Schedule):
@@ -64,6 +88,8 @@ class TorchPipelineSchedule(Schedule):
             self.torch_stages.append(PipelineStage(
                 nn.Sequential(*s.blocks), s.index, num_stages, device, input_args=(example,),
                 group=mesh.pipeline_group))
+        if trace.enabled():
+            _trace_torch_pipelining(self.torch_stages)
         # GPipe and 1F1B take one stage, the two-stages-per-rank schedules a list.
         arg = self.torch_stages if len(self.torch_stages) > 1 else self.torch_stages[0]
         self.schedule = SCHEDULES[name](arg, micro_batches, loss_fn=_mean_ce)

@@ -59,6 +59,8 @@ def probe_alignment(engine: PipelineEngine, x: torch.Tensor, y: torch.Tensor, se
             for b, saved in buffers:
                 b.copy_(saved)
     out = engine.merge_stats(local)
+    if not out:
+        return out
     order = [pt.name for pt in engine.stages[0].rule.all_points]
     return dict(sorted(out.items(), key=lambda kv: order.index(kv[0])))
 

@@ -13,8 +13,8 @@ import yaml
 from ..fileio import atomic_write_text
 
 # What marks a folder as holding a run, and what --overwrite removes.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "launch.json")
-RUN_FOLDERS = ("checkpoints", "final_state", "tensorboard")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "launch.json", "timing.jsonl")
+RUN_FOLDERS = ("checkpoints", "final_state", "tensorboard", "trace")
 
 
 def held_run_files(out: str | Path) -> list[str]:
@@ -30,7 +30,8 @@ def clear_run(out: str | Path) -> None:
 
 
 class RunWriter:
-    """Writes `config.yaml`, `metrics.jsonl` and `summary.json` under `out_dir` (None: no-op)."""
+    """Writes `config.yaml`, `metrics.jsonl`, `timing.jsonl` (per evaluation: training seconds
+    and wall seconds so far) and `summary.json` under `out_dir` (None: no-op)."""
 
     def __init__(self, out_dir: str | Path | None, keep_rows: int | None = None) -> None:
         """`keep_rows`: a resumed run keeps that many rows of metrics.jsonl (those written up
@@ -39,10 +40,13 @@ class RunWriter:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         if self.out_dir is not None:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            path = self.out_dir / "metrics.jsonl"
-            rows = path.read_text().splitlines(keepends=True) if keep_rows and path.exists() \
-                else []
-            atomic_write_text(path, "".join(rows[:keep_rows or 0]))
+            # Two metrics rows (train, test) per evaluation, one timing row.
+            for name, keep in (("metrics.jsonl", keep_rows or 0),
+                               ("timing.jsonl", (keep_rows or 0) // 2)):
+                path = self.out_dir / name
+                rows = path.read_text().splitlines(keepends=True) if keep and path.exists() \
+                    else []
+                atomic_write_text(path, "".join(rows[:keep]))
 
     def config(self, data: dict) -> None:
         if self.out_dir is not None:
@@ -53,6 +57,11 @@ class RunWriter:
             with open(self.out_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(row) + "\n")
                 fh.flush()
+
+    def timing(self, row: dict[str, Any]) -> None:
+        if self.out_dir is not None:
+            with open(self.out_dir / "timing.jsonl", "a") as fh:
+                fh.write(json.dumps(row) + "\n")
 
     def summary(self, data: dict[str, Any]) -> None:
         if self.out_dir is not None:

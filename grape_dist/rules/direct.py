@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .. import trace
 from ..models import Block, FeedbackPoint
 from . import feedback as fb
 from .base import MicroBatch, OutputSignal, Reduce, StageRule, accumulate_grad, no_reduce
@@ -190,7 +191,8 @@ class DirectFeedbackRule(StageRule):
         if self.streaming:
             # Update now and free this micro-batch's activations; GrAPE's B step waits for
             # the end of the mini-batch, so this update uses the previous step's B.
-            self._local_backward([self._stash.pop(mb.index)])
+            with trace.span("local update"):
+                self._local_backward([self._stash.pop(mb.index)])
         return None
 
     def signal_at_output(self, mb: MicroBatch, signal: OutputSignal) -> OutputSignal:
@@ -224,8 +226,12 @@ class DirectFeedbackRule(StageRule):
         return signal.error
 
     def finish_step(self) -> dict[str, torch.Tensor | float]:
-        stats = self.learner.step() if self.learner is not None else {}
-        self._local_backward(list(self._stash.values()))
+        stats = {}
+        if self.learner is not None:
+            with trace.span("B step"):
+                stats = self.learner.step()
+        with trace.span("local update"):
+            self._local_backward(list(self._stash.values()))
         self._stash = {}
         self._apply_update()
         return stats

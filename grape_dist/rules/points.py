@@ -51,7 +51,6 @@ from .tangents import (
     _fold_k,
     _unfold,
     attention_tangent,
-    batch_norm_tangent,
     layer_norm_tangent,
 )
 
@@ -148,23 +147,47 @@ def _conv_tangent(conv: nn.Conv2d, u: torch.Tensor) -> torch.Tensor:
                             conv.dilation, conv.groups), k)
 
 
+def _batch_norm(bn: nn.BatchNorm2d, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """BatchNorm2d's forward, running statistics updated as its own forward does, and the
+    per-channel scale gamma / sqrt(var + eps) it applied: the tangent's BatchNorm factor with
+    the statistics held (`tangents.batch_norm_tangent`), taken from the primal instead of a
+    second pass over the activations for the variance."""
+    if not bn.training or not bn.track_running_stats:
+        if bn.training:
+            return bn(a), _bn_scale(bn, a.detach().var(dim=(0, 2, 3), unbiased=False))
+        return bn(a), _bn_scale(bn, bn.running_var)
+    momentum = bn.momentum
+    bn.num_batches_tracked.add_(1)
+    if momentum is None:  # a cumulative average, as nn.BatchNorm2d takes it
+        momentum = 1.0 / float(bn.num_batches_tracked)
+    out, _, rstd = torch.native_batch_norm(a, bn.weight, bn.bias, bn.running_mean,
+                                           bn.running_var, True, momentum, bn.eps)
+    scale = rstd.detach()
+    return out, scale * bn.weight.detach() if bn.weight is not None else scale
+
+
+def _bn_scale(bn: nn.BatchNorm2d, var: torch.Tensor) -> torch.Tensor:
+    scale = (var + bn.eps).rsqrt()
+    return scale * bn.weight.detach() if bn.weight is not None else scale
+
+
 def _basic_block(block: BasicBlock, x: torch.Tensor, t: torch.Tensor | None, rows: Rows,
                  inject: Inject):
     x = x.detach()
     with torch.enable_grad():
-        a1 = block.conv1(x)
-        h = F.relu(block.bn1(a1))
-        a2 = block.conv2(h.detach())  # conv2 learns from y's point only
-        z = block.bn2(a2) + block.shortcut(x)
+        b1, s1 = _batch_norm(block.bn1, block.conv1(x))
+        h = F.relu(b1)
+        # conv2 learns from y's point only.
+        b2, s2 = _batch_norm(block.bn2, block.conv2(h.detach()))
+        z = b2 + block.shortcut(x)
         y = F.relu(z)
     with torch.no_grad():
         u = None
         if t is not None:
-            u = batch_norm_tangent(block.bn1, a1, _conv_tangent(block.conv1, t))
-            u = u * (h[rows] > 0)
+            u = _conv_tangent(block.conv1, t) * s1.view(1, 1, -1, 1, 1) * (h[rows] > 0)
         u = inject(0, u)
         if u is not None:
-            u = batch_norm_tangent(block.bn2, a2, _conv_tangent(block.conv2, u))
+            u = _conv_tangent(block.conv2, u) * s2.view(1, 1, -1, 1, 1)
             u = _plus(u, block.shortcut(t)) * (z[rows] > 0)
         u = inject(1, u)
     return y, u, _LocalGraphs([h, y])

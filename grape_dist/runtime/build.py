@@ -43,7 +43,8 @@ def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.d
 
         rank = dist.get_rank()
         mesh = Mesh.create(layout)
-        transport = DistributedTransport(mesh, layout, device)
+        transport = DistributedTransport(mesh, layout, device,
+                                         cfg.pipeline.max_sends_in_flight)
     if bounds is None:
         bounds = _stage_bounds(cfg, model, layout, transport, rank, device)
     if len(bounds) != layout.num_stages:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from .. import trace
 from ..models import BlockModel
 from ..rules import MicroBatch
 from .batch_norm import ReplicaStatistics, batch_norms
@@ -59,12 +60,16 @@ class PipelineEngine:
         """One mini-batch: this replica's rows `x`, `y`, the first being global row `offset`
         of a global mini-batch of `total` rows (default: these rows are all of it)."""
         stages = [(s.index, s.rule) for s in self.stages]
-        return self._run(self.train_schedule, stages, self._batch(x, y, step, offset, total))
+        return self._run(self.train_schedule, stages, self._batch(x, y, step, offset, total),
+                         step)
 
-    def _run(self, schedule: Schedule, stages: list, batch: Batch) -> StepResult:
-        self.bn_stats.snapshot()
-        result = schedule.run(stages, batch)
-        self.bn_stats.merge()
+    def _run(self, schedule: Schedule, stages: list, batch: Batch, step: int,
+             kind: str = "step") -> StepResult:
+        # One span per mini-batch on the timeline (grape_dist/trace.py; a no-op unless tracing).
+        with trace.step(step, kind, micro_batches=len(batch.mbs)):
+            self.bn_stats.snapshot()
+            result = schedule.run(stages, batch)
+            self.bn_stats.merge()
         return result
 
     def calibrate(self, x: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
@@ -74,7 +79,7 @@ class PipelineEngine:
             raise RuntimeError("calibration is off for this run (calibration.every_epochs = 0)")
         stages = [(s.index, s.calibration) for s in self.stages]
         return self._run(self.calibration_schedule, stages,
-                         self._batch(x, y, step, offset, total))
+                         self._batch(x, y, step, offset, total), step, "calibration")
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:

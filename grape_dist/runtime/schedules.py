@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .. import trace
 from ..models.dropout import dropout_rows
 from ..rules import MicroBatch, OutputSignal, SignalSpec, StageRule, output_signal
 from .signals import SignalCodec
-from .transport import InFlightError, Transport
+from .transport import Handle, InFlightError, Transport, message_key
 
 LocalStages = list[tuple[int, StageRule]]
 
@@ -73,6 +74,12 @@ def split_micro_batches(total: int, micro_batches: int) -> list[tuple[int, int]]
     return out
 
 
+def _key(kind: str, rule: StageRule, mb: MicroBatch) -> tuple:
+    """The key of a micro-batch's message between stages (runtime/transport.py): its rows fix
+    its shapes (a GrAPE activation's tangent rows too)."""
+    return message_key(f"{kind}/{rule.name}", mb.start, mb.size, mb.total)
+
+
 class Schedule:
     """Shared plumbing: a stage's input and output, the last stage's loss, the end checks."""
 
@@ -100,21 +107,28 @@ class Schedule:
         output signal."""
         rows = slice(mb.start - batch.offset, mb.start - batch.offset + mb.size)
         with self.transport.stage(s):
-            h, t = (batch.x[rows], None) if s == 0 else self.transport.recv(s - 1, s)
+            if s == 0:
+                h, t = batch.x[rows], None
+            else:
+                with trace.span("recv", "comm", src=s - 1, dst=s):
+                    h, t = self.transport.recv(s - 1, s, _key("fwd", rule, mb))
             # Dropout masks keyed by the mini-batch's global rows (models/dropout.py); the rule's
             # name keeps a calibration step's masks apart from the training step's.
-            with dropout_rows(mb.step, mb.start, mb.size, mb.total, stream=rule.name):
+            with dropout_rows(mb.step, mb.start, mb.size, mb.total, stream=rule.name), \
+                    trace.span("forward", stage=s, mb=mb.index):
                 h, t = rule.forward(mb, h, t)
             if s != self.last:
-                self.transport.send([h, t], s, s + 1)
+                with trace.span("send", "comm", src=s, dst=s + 1):
+                    self.transport.send([h, t], s, s + 1, _key("fwd", rule, mb))
                 return None
-            loss, correct, signal = output_signal(h, batch.y[rows], mb.total, t)
-            stats += torch.stack([loss.to(stats.dtype), correct.to(stats.dtype)])
-            return rule.signal_at_output(mb, signal)
+            with trace.span("loss", mb=mb.index):
+                loss, correct, signal = output_signal(h, batch.y[rows], mb.total, t)
+                stats += torch.stack([loss.to(stats.dtype), correct.to(stats.dtype)])
+                return rule.signal_at_output(mb, signal)
 
     def _backward(self, s: int, rule: StageRule, mb: MicroBatch, signal: OutputSignal) -> None:
         """Stage s takes `mb`'s broadcast signal (a direct rule's backward)."""
-        with self.transport.stage(s):
+        with self.transport.stage(s), trace.span("backward", stage=s, mb=mb.index):
             self.transport.share(signal.tensors(), self.last, s)
             rule.backward(mb, signal, None)
 
@@ -125,17 +139,23 @@ class Schedule:
         return stats
 
     def _finish(self, stages: LocalStages, stats: torch.Tensor, batch: Batch,
-                **pending: int) -> StepResult:
+                broadcasts: list[tuple[torch.Tensor, Handle]] = (), **pending: int) -> StepResult:
         """Apply every stage's update, sum the statistics over replicas, check that nothing is
-        left in flight."""
+        left in flight. `broadcasts`: (packet, handle) of the broadcasts this rank started as
+        the root; they complete while the updates run (which do not read them)."""
         out: dict = {}
         for s, rule in stages:
             self.transport.hold(rule.held_tensors)
-            with self.transport.stage(s):
+            with self.transport.stage(s), trace.span("update", stage=s):
                 out.update(rule.finish_step())
-        self.transport.all_reduce_replicas([stats])
-        self.transport.flush()
-        self.transport.join()
+        with trace.span("broadcast wait", "comm"):
+            for _, handle in broadcasts:
+                handle.wait()
+        with trace.span("all_reduce", "comm"):
+            self.transport.all_reduce_replicas([stats])
+        with trace.span("flush", "comm"):
+            self.transport.flush()
+            self.transport.join()
         self._check_idle(stages, **pending)
         if not self.read_stats:
             return StepResult(stats[0], stats[1], batch.total, out)  # type: ignore[arg-type]
@@ -166,6 +186,7 @@ class ForwardThenBroadcast(Schedule):
     def run(self, stages, batch):
         stats = self._stats()
         signals: list[OutputSignal] = []
+        posted: list[tuple[torch.Tensor, Handle]] = []  # the root's broadcast
         for mb in batch.mbs:
             for s, rule in stages:
                 signal = self._forward(s, rule, mb, batch, stats)
@@ -174,15 +195,21 @@ class ForwardThenBroadcast(Schedule):
         if not self.transport.local_only:
             codec = SignalCodec(stages[0][1], self.spec, self.device)
             holds_last = self._holds_last(stages)
-            packet = codec.pack(stats, signals) if holds_last else codec.empty(batch.mbs)
-            self.transport.broadcast(packet, self.last).wait()
-            if not holds_last:
-                stats, signals = codec.unpack(packet, batch.mbs, batch.y, batch.offset)
+            with trace.span("broadcast", "comm", root=self.last):
+                packet = codec.pack(stats, signals) if holds_last else codec.empty(batch.mbs)
+                handle = self.transport.broadcast(packet, self.last)
+            if holds_last:
+                # The root's updates need nothing from its broadcast: `_finish` waits after them.
+                posted.append((packet, handle))
+            else:
+                with trace.span("broadcast wait", "comm"):
+                    handle.wait()
+                    stats, signals = codec.unpack(packet, batch.mbs, batch.y, batch.offset)
         for s, rule in stages:
             for mb, signal in zip(batch.mbs, signals):
                 self._backward(s, rule, mb, signal)
         self._after_signal(stages, batch.mbs, signals)
-        return self._finish(stages, stats, batch)
+        return self._finish(stages, stats, batch, posted)
 
     def _after_signal(self, stages: LocalStages, mbs: list[MicroBatch],
                       signals: list[OutputSignal]) -> None:
@@ -199,10 +226,15 @@ class TwoForwardPasses(ForwardThenBroadcast):
             for s, rule in stages:
                 with self.transport.stage(s):
                     self.transport.share(signal.tensors(), self.last, s)
-                    h = None if s == 0 else self.transport.recv(s - 1, s)[0]
-                    h = rule.modulated_forward(mb, signal, h)
+                    h = None
+                    if s != 0:
+                        with trace.span("recv", "comm", src=s - 1, dst=s):
+                            h = self.transport.recv(s - 1, s, _key("mod", rule, mb))[0]
+                    with trace.span("modulated forward", stage=s, mb=mb.index):
+                        h = rule.modulated_forward(mb, signal, h)
                     if s != self.last:
-                        self.transport.send([h], s, s + 1)
+                        with trace.span("send", "comm", src=s, dst=s + 1):
+                            self.transport.send([h], s, s + 1, _key("mod", rule, mb))
 
 
 class StreamingSignals(Schedule):
@@ -210,9 +242,10 @@ class StreamingSignals(Schedule):
 
     Stage s consumes micro-batch j's signal after forwarding micro-batch j + (last - s), when
     the pipeline has had time to produce it. The rank holding the last stage starts each
-    micro-batch's broadcast as soon as the signal exists; the other ranks take part in the
-    broadcasts in micro-batch order when they first need one, so every rank issues the same
-    collectives in the same order.
+    micro-batch's broadcast as soon as the signal exists; the other ranks join it as soon as
+    they have forwarded that micro-batch (or first need it), so the signal arrives while they
+    forward the next ones, and every rank issues the same collectives, in micro-batch order,
+    between the same point-to-point messages.
     """
 
     name = "streaming-signals"
@@ -224,15 +257,25 @@ class StreamingSignals(Schedule):
         local = self.transport.local_only
         signals: dict[int, OutputSignal] = {}
         posted = []  # broadcasts this rank started as the root
+        joined: deque = deque()  # (micro-batch, packet, handle) joined, not yet unpacked
         waiting: dict[int, deque[MicroBatch]] = {s: deque() for s, _ in stages}
 
+        def join(upto: int) -> None:
+            """Join the broadcasts of micro-batches up to index `upto`, in order."""
+            while len(signals) + len(joined) <= upto:
+                nxt = mbs[len(signals) + len(joined)]
+                with trace.span("broadcast", "comm", root=self.last, mb=nxt.index):
+                    packet = codec.empty([nxt])
+                    joined.append((nxt, packet, self.transport.broadcast(packet, self.last)))
+
         def signal_of(mb: MicroBatch) -> OutputSignal:
+            join(mb.index)
             while mb.index not in signals:
-                nxt = mbs[len(signals)]
-                packet = codec.empty([nxt])
-                self.transport.broadcast(packet, self.last).wait()
-                mb_stats, (signals[nxt.index],) = codec.unpack(packet, [nxt], batch.y,
-                                                               batch.offset)
+                nxt, packet, handle = joined.popleft()
+                with trace.span("broadcast wait", "comm", mb=nxt.index):
+                    handle.wait()
+                    mb_stats, (signals[nxt.index],) = codec.unpack(packet, [nxt], batch.y,
+                                                                   batch.offset)
                 stats.add_(mb_stats)
             return signals[mb.index]
 
@@ -248,20 +291,24 @@ class StreamingSignals(Schedule):
                         stats.add_(mb_stats)
                     signals[mb.index] = signal
                     if not local:
-                        packet = codec.pack(mb_stats, [signal])
-                        # Keep the packet alive until its broadcast has completed.
-                        posted.append((packet, self.transport.broadcast(packet, self.last)))
+                        with trace.span("broadcast", "comm", root=self.last, mb=mb.index):
+                            packet = codec.pack(mb_stats, [signal])
+                            # Keep the packet alive until its broadcast has completed.
+                            posted.append((packet, self.transport.broadcast(packet,
+                                                                            self.last)))
                 waiting[s].append(mb)
                 while len(waiting[s]) > self.last - s:
                     done = waiting[s].popleft()
                     self._backward(s, rule, done, signal_of(done))
+            if not local and mb.index not in signals:
+                join(mb.index)  # its signal arrives while this rank forwards the next ones
         for s, rule in stages:
             while waiting[s]:
                 done = waiting[s].popleft()
                 self._backward(s, rule, done, signal_of(done))
-        for _, handle in posted:
-            handle.wait()
-        return self._finish(stages, stats, batch, unreceived_signals=len(mbs) - len(signals))
+        # The root's broadcasts complete while the updates run (`_finish` waits after them).
+        return self._finish(stages, stats, batch, posted,
+                            unreceived_signals=len(mbs) - len(signals))
 
 
 class SequentialBackward(Schedule):
@@ -280,14 +327,22 @@ class SequentialBackward(Schedule):
         for mb in reversed(batch.mbs):
             for s, rule in reversed(stages):
                 with self.transport.stage(s):
-                    grad = None if s == self.last else self.transport.recv(s + 1, s)[0]
-                    g_in = rule.backward(mb, signals.pop(mb.index, None) if s == self.last
-                                         else None, grad)
+                    grad = None
+                    if s != self.last:
+                        with trace.span("recv", "comm", src=s + 1, dst=s):
+                            grad = self.transport.recv(s + 1, s, _key("grad", rule, mb))[0]
+                    with trace.span("backward", stage=s, mb=mb.index):
+                        g_in = rule.backward(mb, signals.pop(mb.index, None) if s == self.last
+                                             else None, grad)
                     if s != 0:
-                        self.transport.send([g_in], s, s - 1)
+                        with trace.span("send", "comm", src=s, dst=s - 1):
+                            self.transport.send([g_in], s, s - 1, _key("grad", rule, mb))
         if not self.transport.local_only:
             # Every stage reports the loss: the last stage's statistics reach the others.
-            self.transport.broadcast(stats, self.last).wait()
+            with trace.span("broadcast", "comm", root=self.last):
+                handle = self.transport.broadcast(stats, self.last)
+            with trace.span("broadcast wait", "comm"):
+                handle.wait()
         return self._finish(stages, stats, batch, unused_signals=len(signals))
 
 
@@ -305,12 +360,13 @@ class Inference:
             starts: list[int], batch_size: int) -> tuple[float, int]:
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
         for start in starts:
+            key = message_key("infer", len(y[start:start + batch_size]))
             for s, rule in stages:
                 h = x[start:start + batch_size].to(self.device) if s == 0 else \
-                    self.transport.recv(s - 1, s)[0]
+                    self.transport.recv(s - 1, s, key)[0]
                 h = rule.infer(h)
                 if s != self.last:
-                    self.transport.send([h], s, s + 1)
+                    self.transport.send([h], s, s + 1, key)
                 else:
                     labels = y[start:start + batch_size].to(self.device)
                     loss, correct, _ = output_signal(h, labels, 1, None)

@@ -23,7 +23,7 @@ Synchronisation, the usual CUDA rules:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
@@ -51,12 +51,12 @@ class StreamTransport(InProcessTransport):
         event.record(self.streams[s])
         return event
 
-    def send(self, tensors: Tensors, src: int, dst: int) -> None:
-        super().send(tensors, src, dst)
+    def send(self, tensors: Tensors, src: int, dst: int, key: Hashable = None) -> None:
+        super().send(tensors, src, dst, key)
         self._events.setdefault((src, dst), deque()).append(self._record(src))
 
-    def recv(self, src: int, dst: int) -> Tensors:
-        tensors = super().recv(src, dst)
+    def recv(self, src: int, dst: int, key: Hashable = None) -> Tensors:
+        tensors = super().recv(src, dst, key)
         event = self._events[(src, dst)].popleft()
         self._consume([t for t in tensors if t is not None], event, dst)
         return tensors

@@ -6,15 +6,20 @@ hands a flat packet from one stage to every stage of the replica (the output sig
 `all_reduce_replicas` sums tensors over the data-parallel replicas of this rank's stages.
 
 Two implementations: `InProcessTransport` (every stage in this process: messages are queued in
-memory) and `distributed.transport.DistributedTransport` (torch.distributed: batched p2p with
-self-describing headers, collectives on the mesh's groups). The schedules cannot tell them
-apart, so one process, torchrun with one rank and P ranks run the same schedule code.
+memory) and `distributed.transport.DistributedTransport` (torch.distributed: asynchronous p2p
+with shapes agreed once per message key, collectives on the mesh's groups). The schedules cannot
+tell them apart, so one process, torchrun with one rank and P ranks run the same schedule code.
+
+Every message carries a *key* (`message_key`): what determines its shapes (kind, micro-batch rows),
+computed by sender and receiver from the same schedule state. Across ranks it lets the shapes
+travel once per key (`distributed/p2p.py`); in one process the queue checks that the receiver
+asked for the key that was sent, so a schedule that mixes messages up fails here too.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
@@ -38,6 +43,18 @@ class InFlightError(RuntimeError):
     """A schedule ended a mini-batch with work still pending: a schedule bug, never silent."""
 
 
+class MessageMismatch(RuntimeError):
+    """A receiver expected another message (key, shapes or order) than the one sent: a
+    schedule bug, never silent."""
+
+
+def message_key(kind: str, *parts: Hashable) -> tuple:
+    """The key of a message: its kind (e.g. `fwd/grape`) and what fixes its shapes beyond
+    the stage pair (a micro-batch's start, size and mini-batch total; an evaluation chunk's
+    rows). Keys must be equal on the sending and the receiving rank."""
+    return (kind, *parts)
+
+
 class Transport:
     """The interface; see the module docstring. All calls are made by every rank of a replica
     in the same order for the same stages (the schedules guarantee it)."""
@@ -45,12 +62,13 @@ class Transport:
     # Every stage in this process: a broadcast has nothing to move (schedules skip packing).
     local_only = False
 
-    def send(self, tensors: Tensors, src: int, dst: int) -> None:
-        """Start moving `tensors` from stage `src` to stage `dst` (asynchronous)."""
+    def send(self, tensors: Tensors, src: int, dst: int, key: Hashable = None) -> None:
+        """Start moving `tensors` from stage `src` to stage `dst` (asynchronous) under `key`
+        (`message_key`: equal keys, equal shapes; None: shapes described every time)."""
         raise NotImplementedError
 
-    def recv(self, src: int, dst: int) -> Tensors:
-        """What stage `src` sent to stage `dst` (blocks until it arrives)."""
+    def recv(self, src: int, dst: int, key: Hashable = None) -> Tensors:
+        """What stage `src` sent to stage `dst` under `key` (blocks until it arrives)."""
         raise NotImplementedError
 
     def broadcast(self, packet: torch.Tensor, src: int) -> Handle:
@@ -111,17 +129,21 @@ class InProcessTransport(Transport):
     local_only = True
 
     def __init__(self) -> None:
-        self._queues: dict[tuple[int, int], deque[Tensors]] = {}
+        self._queues: dict[tuple[int, int], deque[tuple[Hashable, Tensors]]] = {}
 
-    def send(self, tensors: Tensors, src: int, dst: int) -> None:
-        self._queues.setdefault((src, dst), deque()).append(tensors)
+    def send(self, tensors: Tensors, src: int, dst: int, key: Hashable = None) -> None:
+        self._queues.setdefault((src, dst), deque()).append((key, tensors))
 
-    def recv(self, src: int, dst: int) -> Tensors:
+    def recv(self, src: int, dst: int, key: Hashable = None) -> Tensors:
         queue = self._queues.get((src, dst))
         if not queue:
             raise InFlightError(f"stage {dst} receives from stage {src} before it sent: the "
                                 "schedule runs stages out of order")
-        return queue.popleft()
+        sent, tensors = queue.popleft()
+        if sent is not None and key is not None and sent != key:
+            raise MessageMismatch(f"stage {dst} expects {key!r} from stage {src}, which sent "
+                                  f"{sent!r}: the schedule mixes messages up")
+        return tensors
 
     def broadcast(self, packet: torch.Tensor, src: int) -> Handle:
         return _Done()
