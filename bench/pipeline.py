@@ -216,11 +216,12 @@ SHIPPED = {"resnet20": "cifar10_resnet20", "transformer": "shakespeare_transform
 
 
 def form_overrides(args, rule: str) -> list[str]:
-    """The direct rules' form: the shipped config's (`--form shipped`) or the paper's (one
-    feedback point per block), then the explicit --routing / --tangent_samples."""
-    form = shipped_form(SHIPPED.get(args.preset, ""), rule) if args.form == "shipped" else []
+    """The direct rules' form: the shipped config's (`--form shipped`), or the same with the
+    paper's one feedback point per block (`--form paper`: only the points differ), then the
+    explicit --routing / --tangent_samples."""
+    form = shipped_form(SHIPPED.get(args.preset, ""), rule)
     if args.form == "paper":
-        form = ["feedback.points=block"]
+        form = merge_overrides(form, ["feedback.points=block"])
     explicit = [f"grape.routing={args.routing}"] if args.routing else []
     if args.tangent_samples is not None:
         explicit.append(f"grape.tangent_samples={args.tangent_samples}")
@@ -913,7 +914,8 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--form", default="shipped", choices=["shipped", "paper"],
                    help="the direct rules' form: the preset's shipped config's (feedback "
-                        "points, tangent rows, routing) or the paper's (a point per block)")
+                        "points, tangent rows, routing), or the same with the paper's one "
+                        "feedback point per block")
     p.add_argument("--routing", default="", choices=["", "shared", "per_block"],
                    help="GrAPE's tangent routing ('': the form's)")
     p.add_argument("--tangent_samples", type=int, default=None,
