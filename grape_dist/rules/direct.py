@@ -50,8 +50,8 @@ class DirectFeedbackRule(StageRule):
     """DFA (`signal='error'`), DRTP (`signal='target'`); GrAPE when a `learner` is given.
 
     `points`: the model's feedback points (`BlockModel.feedback_points`): one per hidden
-    block, or with layer feedback one per weight layer of the blocks that have taps; the stage
-    uses those in its blocks.
+    block, or with layer feedback one per weight layer of the blocks that have taps (the stage's
+    own are those it is given a B for).
     `feedback`: B_p (d_out x n_p) for every point, by the point's global index; with a learner
     these are the same parameters the learner refines.
 
@@ -87,7 +87,7 @@ class DirectFeedbackRule(StageRule):
         self.signal_kind = signal
         self.B = feedback
         self.all_points = points
-        self.points = [pt for pt in points if first <= pt.block < first + len(blocks)]
+        self.points = [points[i] for i in sorted(feedback)]  # this stage's: those it holds B for
         self._points_of: list[list[FeedbackPoint]] = [[] for _ in blocks]
         for pt in self.points:
             self._points_of[pt.block - first].append(pt)
