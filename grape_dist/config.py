@@ -26,6 +26,8 @@ CALIBRATED_RULES = ("dfa", "grape")
 
 # Datasets of text (language modelling); the rest are image classification.
 TEXT_DATASETS = ("shakespeare", "wikitext2", "wikitext103")
+# Colour images of natural scenes, where a crop and a mirror image keep the label.
+AUGMENTED_DATASETS = ("cifar10", "cifar100", "tinyimagenet")
 # The text datasets the char (ASCII) tokeniser covers; WikiText has accents, CJK, ...
 ASCII_TEXT_DATASETS = ("shakespeare",)
 
@@ -114,6 +116,10 @@ class DataConfig:
     tokenizer: Literal["char", "byte", "word"] = "char"
     # The word tokeniser's vocabulary size (the model's classes); 0 for char and byte.
     vocab_size: int = 0
+    # Training images: random crop from the image zero-padded by 4 (black) and horizontal
+    # flip, drawn per (seed, epoch, training row): cifar10, cifar100, tinyimagenet
+    # (data/augment.py). Evaluation and the alignment probe see the images as they are.
+    augment: bool = False
 
 
 @dataclass
@@ -180,6 +186,13 @@ class CalibrationConfig:
     threshold: float = 0.5
     budget: int = 0
     batch_size: int = 128
+    # paper: one step of `optim` (SGD lr 0.01) with fresh state, Algorithm 1's step 4.
+    # optimizer: the exact gradient goes through the weights' own optimiser, its state and its
+    # current learning rate: one more training step, with the true gradient (docs/grape.md).
+    form: Literal["paper", "optimizer"] = "paper"
+    # Trust bound for either form: each tensor moves by at most max_update x its norm
+    # (0 = unbounded, the paper's).
+    max_update: float = 0.01
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(name="sgd", lr=0.01, momentum=0.9)
     )
@@ -506,6 +519,11 @@ def validate(cfg: Config) -> None:
            f"must be >= 0 (0 = off), got T={c.every_epochs}")
     _check(c.batch_size > 0, "calibration.batch_size", f"must be > 0, got {c.batch_size}")
     _check(c.budget >= 0, "calibration.budget", f"must be >= 0 (0 = no limit), got {c.budget}")
+    _check(not cfg.data.augment or cfg.data.name in AUGMENTED_DATASETS, "data.augment",
+           f"crop and flip apply to {', '.join(AUGMENTED_DATASETS)}, not '{cfg.data.name}'; "
+           "set it to false")
+    _check(c.max_update >= 0, "calibration.max_update",
+           f"must be >= 0 (0 = unbounded), got {c.max_update}")
     if c.trigger == "alignment":
         _check(c.every_epochs > 0, "calibration.trigger",
                "alignment checks every calibration.every_epochs epochs: set it >= 1")

@@ -119,6 +119,12 @@ class Run:
     def seed(self) -> int | None:
         return self.config.get("seed")
 
+    @cached_property
+    def mtime(self) -> float:
+        """When the run last wrote its metrics (0 if it has none)."""
+        path = self.path / "metrics.jsonl"
+        return path.stat().st_mtime if path.exists() else 0.0
+
     @property
     def interval(self) -> int | None:
         """Calibration interval T in epochs (0: none); None when config.yaml is missing."""
@@ -244,6 +250,18 @@ class Group:
     def is_lm(self) -> bool:
         return any(r.is_lm for r in self.runs)
 
+    @property
+    def pooled(self) -> list[Run]:
+        """One run per distinct seed, the newest (its metrics.jsonl last written), in the
+        order of `runs`: repeats of a seed (the same run on other ranks, a rerun) are not
+        independent samples, so means and stds are taken over these only. Runs without a
+        recorded seed count as distinct."""
+        newest: dict[int, Run] = {}
+        for r in self.runs:
+            if r.seed is not None and (r.seed not in newest or r.mtime > newest[r.seed].mtime):
+                newest[r.seed] = r
+        return [r for r in self.runs if r.seed is None or newest[r.seed] is r]
+
     def sort_key(self) -> tuple:
         rank = RULE_ORDER.index(self.rule) if self.rule in RULE_ORDER else len(RULE_ORDER)
         t = math.inf if self.interval is None else self.interval
@@ -324,11 +342,11 @@ def fmt_mean_std(values: Sequence[float], digits: int = 2) -> str:
 
 def _metric_values(group: Group, fn: Any) -> list[float]:
     lm = group.is_lm
-    return [v * scale(lm) for r in group.runs if (v := fn(r, lm)) is not None]
+    return [v * scale(lm) for r in group.pooled if (v := fn(r, lm)) is not None]
 
 
 def _summary_numbers(group: Group, key: str) -> list[float]:
-    return [v for r in group.runs if (v := _finite(r.summary.get(key))) is not None]
+    return [v for r in group.pooled if (v := _finite(r.summary.get(key))) is not None]
 
 
 def _compact(values: Sequence[float], digits: int) -> str:
@@ -345,11 +363,14 @@ def markdown_table(groups: Sequence[Group]) -> str:
             f"best {unit}", "calibrations", "wall s", "world size", "runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
-        seeds = [r.seed for r in g.runs]
-        seed_text = ", ".join("?" if s is None else str(s) for s in seeds)
+        pooled = g.pooled
+        seed_text = f"{len(pooled)} (" + ", ".join(
+            "?" if r.seed is None else str(r.seed) for r in pooled) + ")"
+        if len(pooled) < len(g.runs):
+            seed_text += f"; {len(g.runs) - len(pooled)} repeat(s) of a seed not pooled"
         worlds = sorted({int(w) for w in _summary_numbers(g, "world_size")})
         cells = [
-            g.name, g.rule, g.model, g.dataset, g.t_text, f"{len(g.runs)} ({seed_text})",
+            g.name, g.rule, g.model, g.dataset, g.t_text, seed_text,
             fmt_mean_std(_metric_values(g, final_metric)),
             fmt_mean_std(_metric_values(g, best_metric)),
             _compact(_summary_numbers(g, "calibration_steps"), 1),
@@ -412,12 +433,12 @@ def plot_curves(groups: Sequence[Group], path: Path, title: str) -> bool:
     fig, ax = plt.subplots(figsize=(7, 4.2))
     drawn = False
     for i, g in enumerate(groups):
-        xs, means, stds = _by_epoch(g.runs, lambda r: _scaled(r.get(key), lm))
+        xs, means, stds = _by_epoch(g.pooled, lambda r: _scaled(r.get(key), lm))
         if not xs:
             continue
         color = f"C{i % 10}"
-        ax.plot(xs, means, marker="o", ms=3, color=color, label=f"{g.name} (n={len(g.runs)})")
-        if len(g.runs) > 1:
+        ax.plot(xs, means, marker="o", ms=3, color=color, label=f"{g.name} (n={len(g.pooled)})")
+        if len(g.pooled) > 1:
             ax.fill_between(xs, [m - s for m, s in zip(means, stds)],
                             [m + s for m, s in zip(means, stds)], color=color, alpha=0.2)
         drawn = True
@@ -513,11 +534,11 @@ def plot_alignment(groups: Sequence[Group], path: Path, title: str, metric: str)
         cmap = plt.get_cmap("viridis")
         for j, b in enumerate(blocks):
             xs, means, _ = _by_epoch(
-                g.runs, lambda r, b=b: ((r.get("alignment") or {}).get(b) or {}).get(metric))
+                g.pooled, lambda r, b=b: ((r.get("alignment") or {}).get(b) or {}).get(metric))
             ax.plot(xs, means, marker="o", ms=2, lw=1.2, label=b,
                     color=cmap(j / max(len(blocks) - 1, 1)) if len(blocks) > 10 else f"C{j}")
         ax.axhline(0, color="grey", lw=0.6)
-        ax.set_title(f"{g.name} (n={len(g.runs)})", fontsize=8)
+        ax.set_title(f"{g.name} (n={len(g.pooled)})", fontsize=8)
         ax.set_xlabel("epoch")
         _integer_ticks(ax)
         ax.grid(alpha=0.3)

@@ -23,6 +23,7 @@ from .data import (
     subset_indices,
     tokenizer_vocab_size,
 )
+from .data.augment import EpochAugmentation
 from .distributed import backend_for, resolve_device
 from .errors import DataError, RankFailures, StartupError
 from .faults import fault_from_env
@@ -269,6 +270,13 @@ class Trainer:
         probe = subset_indices(len(self.train.y), min(cfg.train.probe_batch_size,
                                                       len(self.train.y)), cfg.seed + 1)
         self.probe = Tensors(self.train.x[probe], self.train.y[probe])
+        # data.augment: this epoch's draws, and the padding's value (black, normalised).
+        self._augment: tuple[int, EpochAugmentation] | None = None
+        self._black = None
+        if cfg.data.augment:
+            src = get_source(cfg.data.name)
+            self._black = normalize(torch.zeros(len(src.mean), 1, 1, dtype=torch.uint8),
+                                    src.mean, src.std).flatten()
         self.stop_requested = False  # set by request_stop (signal handlers)
         # Called on every rank after each checkpoint (the Ray job reports them to Ray Train).
         self.checkpoint_hook: Callable[[Path], None] | None = None
@@ -312,13 +320,24 @@ class Trainer:
         decision = (mean < c.threshold, mean) if self.rank == 0 else None
         return self.engine.transport.all_gather_object(decision)[0]
 
+    def _training_rows(self, rows: torch.Tensor, epoch: int
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The training split's rows `rows` on the device, as this epoch shows them: cropped
+        and flipped with `data.augment` (keyed by seed, epoch and row: data/augment.py)."""
+        x = self.train.x[rows]
+        if self.cfg.data.augment:
+            if self._augment is None or self._augment[0] != epoch:
+                self._augment = (epoch, EpochAugmentation(len(self.train.y), self.cfg.seed,
+                                                          epoch))
+            x = self._augment[1].apply(x, rows, self._black)
+        return x.to(self.device), self.train.y[rows].to(self.device)
+
     def calibrate(self, epoch: int) -> None:
         """One exact BP step on one random mini-batch (Algorithm 1, step 4)."""
         bs = min(self.cfg.calibration.batch_size * self.dp, len(self.train.y))
         idx = random_batch_indices(len(self.train.y), bs, self.cfg.seed, epoch)
         rows, offset, total = self._replica_rows(idx)
-        self.engine.calibrate(self.train.x[rows].to(self.device),
-                              self.train.y[rows].to(self.device), self.state.step, offset, total)
+        self.engine.calibrate(*self._training_rows(rows, epoch), self.state.step, offset, total)
         self.state.calibrations.append(CalibrationEvent(epoch, self.state.step, len(idx)))
 
     def train_epoch(self, epoch: int) -> tuple[float, float, dict[str, float]]:
@@ -333,8 +352,7 @@ class Trainer:
         for idx in batches[prog.batches:]:
             rows, offset, total = self._replica_rows(idx)
             t_step = time.perf_counter()
-            r = self.engine.train_step(self.train.x[rows].to(self.device),
-                                       self.train.y[rows].to(self.device), self.state.step,
+            r = self.engine.train_step(*self._training_rows(rows, epoch), self.state.step,
                                        offset, total)
             self.state.step += 1
             self.tb.step(self.state.step, loss=r.loss_sum / max(r.samples * self.positions, 1),

@@ -286,7 +286,7 @@ def test_resnet56_on_eight_ranks_holds_about_one_eighth_per_rank(cifar100_root, 
 ALEXNET = ["model.name=alexnet", "model.width=0.0625", "data.name=cifar100",
            "train.epochs=2", "optim.name=sgd", "optim.lr=0.02", "optim.momentum=0.9",
            "train.probe_batch_size=16", "calibration.every_epochs=1",
-           "calibration.batch_size=16"]
+           "calibration.batch_size=16", "data.augment=true"]
 
 
 def test_alexnet_with_dropout_on_eight_ranks_follows_the_one_process_trajectory(cifar100_root,
@@ -294,7 +294,8 @@ def test_alexnet_with_dropout_on_eight_ranks_follows_the_one_process_trajectory(
     """GrAPE with calibration on the 8-block AlexNet, dropout 0.5 in fc1 and fc2: one block per
     rank (pp=8), and pp=4 x dp=2 replicas, against one process with other micro-batches. Every
     dropout mask is drawn for the whole mini-batch from (seed, step, block) and sliced by global
-    row, so neither the rank, the micro-batch split nor the replica split changes it."""
+    row, so neither the rank, the micro-batch split nor the replica split changes it; so is
+    every image's crop and flip (data.augment), by (seed, epoch, training row)."""
     args = ["rule=grape", *ALEXNET, f"data.root={cifar100_root}"]
     runs = {}
     for name, n, extra in (("one", 1, ["data.batch_size=16", "pipeline.micro_batches=3"]),

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import statistics
@@ -134,7 +135,7 @@ def test_old_runs_and_differing_keys(runs_root: Path, tmp_path: Path) -> None:
     """An older run (no config.yaml, fewer summary keys, rows without `calibrated`) still
     reports; runs that differ in a config key other than the seed form their own group; a key
     an older config lacks counts as its default."""
-    from grape_dist.report import main
+    from grape_dist.report import fmt_mean_std, main
 
     runs = tmp_path / "runs"
 
@@ -151,6 +152,11 @@ def test_old_runs_and_differing_keys(runs_root: Path, tmp_path: Path) -> None:
         edited(src, "lr", lambda c: c["optim"].update(lr=0.002))  # a sweep point
         edited(src, "chan", lambda c: c["feedback"].update(conv="channel"))
         edited(src, "old", lambda c: c["feedback"].pop("conv"))  # from before feedback.conv
+        # ... and older than its twin, with another result: a repeat of the seed, not pooled.
+        twin = runs / f"{src.name}_old"
+        summary = json.loads((twin / "summary.json").read_text())
+        (twin / "summary.json").write_text(json.dumps({**summary, "final_test_accuracy": 0.0}))
+        os.utime(twin / "metrics.jsonl", (1e9, 1e9))
     old = runs / "old"
     shutil.copytree(runs_root / "mlp" / "dfa_T0_s0", old)
     (old / "config.yaml").unlink()
@@ -172,7 +178,11 @@ def test_old_runs_and_differing_keys(runs_root: Path, tmp_path: Path) -> None:
     best = max(r["accuracy"] for r in rows if r["split"] == "test")  # from the rows instead
     assert by_group["dfa"]["best test acc. (%)"] == f"{100 * best:.2f}"
     assert by_group["dfa"]["wall s"] == "—" and by_group["dfa"]["world size"] == "—"
-    assert by_group["grape (feedback.conv=full, optim.lr=0.0005)"]["seeds"] == "4 (0, 0, 1, 1)"
+    full = by_group["grape (feedback.conv=full, optim.lr=0.0005)"]
+    assert full["seeds"] == "2 (0, 1); 2 repeat(s) of a seed not pooled"
+    finals = [json.loads((src / "summary.json").read_text())["final_test_accuracy"]
+              for src in sorted(runs_root.glob("mlp/grape_T0_*"))]
+    assert full["final test acc. (%)"] == fmt_mean_std([100 * v for v in finals])
     assert by_group["grape (feedback.conv=full, optim.lr=0.002)"]["seeds"] == "2 (0, 1)"
 
 

@@ -101,7 +101,7 @@ def test_each_calibration_is_one_fresh_bp_step_on_its_batch(tmp_path):
         "rule=dfa", "train.epochs=1", "data.train_subset=256", "data.test_subset=64",
         "train.progress=false", "model.hidden=[16]", "calibration.every_epochs=1",
         "calibration.batch_size=32", "calibration.optim.momentum=0.9",
-        "calibration.optim.lr=0.5",
+        "calibration.optim.lr=0.5", "calibration.form=paper", "calibration.max_update=0",
     ])
     trainer = Trainer(cfg, None)
     trainer.train_epoch(1)

@@ -90,10 +90,15 @@ def build_stage_rule(cfg: Config, model: BlockModel, first: int, last: int,
 
 
 def build_calibration_rule(cfg: Config, model: BlockModel, first: int, last: int,
-                           reduce: Reduce = no_reduce) -> BackpropRule:
-    """BP on the same blocks with the calibration optimiser, whose state is fresh at every
-    calibration (the paper's single BP step)."""
+                           reduce: Reduce = no_reduce, *, rule: StageRule) -> BackpropRule:
+    """BP on the same blocks as the stage's `rule`. `calibration.form: paper`: with the
+    calibration optimiser, its state fresh at every calibration (the paper's single SGD step);
+    `optimizer`: through `rule`'s own optimiser and state. Either bounded by
+    `calibration.max_update`."""
+    c = cfg.calibration
     blocks = _stage_blocks(model, first, last)
-    opt = build_optimizer([p for b in blocks for p in b.parameters()], cfg.calibration.optim)
+    paper = c.form == "paper"
+    opt = build_optimizer([p for b in blocks for p in b.parameters()], c.optim) if paper \
+        else rule.optimizer
     return BackpropRule(blocks, first, len(model.blocks), opt, name="calibration",
-                        reduce=reduce, fresh_optimizer_state=True)
+                        reduce=reduce, fresh_optimizer_state=paper, max_update=c.max_update)

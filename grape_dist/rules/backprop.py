@@ -24,8 +24,12 @@ class BackpropRule(StageRule):
     """Exact BP through the stage (or FA's modified chain after `convert_to_fa`).
 
     `fresh_optimizer_state`: forget the optimiser's state (momentum, Adam moments) before each
-    step. The calibration step uses it: one BP step on one mini-batch, epochs apart, must not
-    re-apply the gradients of the previous calibration through a stale momentum buffer.
+    step. The paper's calibration step uses it: one BP step on one mini-batch, epochs apart,
+    must not re-apply the gradients of the previous calibration through a stale momentum buffer.
+
+    `max_update` > 0: a trust bound on each step. Every parameter tensor W moves by at most
+    `max_update * |W|` (Frobenius norms); a longer step is scaled back along its own direction.
+    The bound depends only on the step and the weights, so every replica applies the same one.
     """
 
     sequential_backward = True
@@ -33,10 +37,12 @@ class BackpropRule(StageRule):
     def __init__(
         self, blocks: list[Block], first: int, num_blocks: int, optimizer: torch.optim.Optimizer,
         *, name: str = "bp", reduce: Reduce = no_reduce, fresh_optimizer_state: bool = False,
+        max_update: float = 0.0,
     ) -> None:
         super().__init__(blocks, first, num_blocks, optimizer, reduce)
         self.name = name
         self.fresh_optimizer_state = fresh_optimizer_state
+        self.max_update = max_update
         self._stash: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, mb: MicroBatch, x: torch.Tensor, tangents: torch.Tensor | None = None):
@@ -65,7 +71,18 @@ class BackpropRule(StageRule):
             raise RuntimeError(f"{len(self._stash)} micro-batches got no backward this step")
         if self.fresh_optimizer_state:
             self.optimizer.state.clear()
+        if not self.max_update:
+            self._apply_update()
+            return {}
+        before = [p.detach().clone() for p in self.parameters()]
         self._apply_update()
+        with torch.no_grad():
+            for p, w in zip(self.parameters(), before):
+                step = p - w
+                limit = self.max_update * w.norm()
+                size = step.norm()
+                if size > limit:
+                    p.copy_(w + step * (limit / size))
         return {}
 
 

@@ -53,10 +53,12 @@ def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.d
     model.materialize([i for s in local for i in range(*bounds[s])], cfg.seed, device)
     reduce = transport.all_reduce_replicas
     calibrate = cfg.rule in CALIBRATED_RULES and cfg.calibration.every_epochs > 0
-    stages = [Stage(s, *bounds[s], build_stage_rule(cfg, model, *bounds[s], reduce),
-                    build_calibration_rule(cfg, model, *bounds[s], reduce) if calibrate
-                    else None)
-              for s in local]
+    stages = []
+    for s in local:
+        rule = build_stage_rule(cfg, model, *bounds[s], reduce)
+        stages.append(Stage(s, *bounds[s], rule,
+                            build_calibration_rule(cfg, model, *bounds[s], reduce, rule=rule)
+                            if calibrate else None))
     if rank == 0:
         log.info("layout %s; blocks per stage %s", layout.describe(),
                  [b - a for a, b in bounds])

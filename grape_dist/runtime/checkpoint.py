@@ -15,9 +15,10 @@ hold identical tensors under the same keys and DCP writes them once.
 
 What is saved per stage: block parameters and buffers (BatchNorm statistics), feedback matrices,
 the optimiser states of the weights and of GrAPE's B. Per rank: the torch RNG states. Nothing
-else is needed: tangents, dropout masks, data order and calibration batches are drawn from
-streams keyed by (seed, step, ...) or (seed, epoch), and the calibration optimiser's state is
-cleared at every calibration.
+else is needed: tangents, dropout masks, data order, augmentation and calibration batches are
+drawn from streams keyed by (seed, step, ...) or (seed, epoch), and the calibration optimiser's
+state is cleared at every calibration (`calibration.form: paper`) or is the weights' own
+(`optimizer`).
 """
 
 from __future__ import annotations
