@@ -14,7 +14,7 @@ then, from the same trained weights each time, applies one calibration step of e
         data.name=cifar10 data.train_subset=10000
 
 A form is a list of `calibration.*` overrides joined by '+', e.g.
-`form=paper` or `form=optimizer+max_update=0.01`; `--forms` separates forms by ','.
+`form=paper+max_update=0` (the paper's step) or `form=optimizer`; `--forms` separates forms by ','.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from grape_dist.config import load_config
 from grape_dist.data.sampling import subset_indices
 from grape_dist.trainer import Tensors, Trainer
 
-DEFAULT_FORMS = "form=paper,form=paper+max_update=0.01,form=optimizer"
+DEFAULT_FORMS = "form=paper+max_update=0,form=paper,form=optimizer+max_update=0,form=optimizer"
 
 
 def snapshot(trainer: Trainer) -> tuple[dict, list[dict]]:
@@ -124,7 +124,8 @@ def main() -> None:
     forms = list(results)
     print(f"{'block':>10} {'|W|':>9} {'|dW_train|':>11} " +
           " ".join(f"{f:>26}" for f in forms))
-    for block in w_norm:
+    for block in sorted(w_norm, key=lambda b: [int(x) if x.isdigit() else x
+                                               for x in b.split(".")]):
         cells = [f"{results[f][2][block]:9.4f} ({results[f][2][block] / w_norm[block]:.1e})"
                  for f in forms]
         print(f"{block:>10} {w_norm[block]:9.3f} {d_train[block]:11.4f} " +

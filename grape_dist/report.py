@@ -9,7 +9,8 @@
 
 Runs are grouped by (dataset, model, rule, calibration interval T, other config keys that differ
 between runs of the same rule → a label); seeds are pooled within a group, and every number is
-the mean ± sample std (n-1) over its runs. Per (dataset, model) the report has a table and up to
+the mean ± sample std (n-1) over its distinct seeds (a seed run more than once, e.g. on other
+ranks, counts once: its newest run). Per (dataset, model) the report has a table and up to
 three plots: test accuracy (perplexity for language models) vs epoch, per-block alignment
 (grad_cos) over training, and the final metric vs T (the paper's Figure 2) when T varies.
 """
