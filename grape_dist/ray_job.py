@@ -94,7 +94,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .errors import StartupError
-    from .train import prepare_output
+    from .run_folder import RunLock, prepare_output
 
     args = parse_args(argv)
     if args.num_workers < 1:
@@ -109,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
         args.resume = None
         prepare_output(args)
+        if args.out:
+            # The driver holds the folder for the job's lifetime (its workers write into it).
+            lock = RunLock(Path(args.out))
+            lock.acquire()
         import torch
 
         from .distributed import backend_for

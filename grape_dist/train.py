@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import signal
@@ -44,8 +43,7 @@ from pathlib import Path
 from .config import load_config
 from .errors import StartupError, UsageError
 from .faults import fault_from_env
-from .fileio import atomic_write_text
-from .metrics.writer import held_run_files
+from .run_folder import RunLock, mark_launch, prepare_output, resume_after_restart
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -94,102 +92,6 @@ def launcher_env() -> tuple[int, int]:
         raise UsageError(f"RANK={rank} does not fit WORLD_SIZE={world_size} in the environment: "
                          "unset both, or launch with torchrun, which sets them")
     return rank, world_size
-
-
-def _check_writable(out: Path) -> None:
-    """--out must be a folder this process can create or write into (checked, not tried: a
-    refused run writes nothing)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file, not a folder: choose another --out")
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"--out {out} cannot be created: {probe} is a file, not a folder; "
-                         "choose another --out")
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: {probe} is not writable by this user; choose another "
-                         "--out or fix its permissions")
-
-
-def restart_attempt() -> int:
-    """How many times torchrun (--max-restarts) has restarted this job's workers; 0 at first."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
-
-
-LAUNCH_FILE = "launch.json"  # which torchrun job started the run in a folder
-
-
-def mark_launch(out: Path) -> None:
-    """Record the torchrun job (TORCHELASTIC_RUN_ID) that started or continued the run in
-    `out`, once its outputs exist: restarts of this job may continue it, no other job may."""
-    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
-    if run_id:
-        atomic_write_text(out / LAUNCH_FILE, json.dumps({"torchelastic_run_id": run_id}) + "\n")
-
-
-def _launched_here(out: Path) -> bool:
-    try:
-        saved = json.loads((out / LAUNCH_FILE).read_text())["torchelastic_run_id"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
-    return saved == os.environ.get("TORCHELASTIC_RUN_ID")
-
-
-def resume_after_restart(args: argparse.Namespace) -> None:
-    """Under `torchrun --max-restarts`, restarted workers run the original command line again.
-    If this torchrun job had started the run in --out (launch.json), they continue it from its
-    newest checkpoint, or start it over when the failure came before the first checkpoint.
-    Otherwise (the first attempt was refused, or died before its outputs existed) the restart
-    is checked like the first attempt: a run that belongs to another job is never touched."""
-    if restart_attempt() == 0 or args.resume or not args.out:
-        return
-    from .runtime.checkpoint import latest_checkpoint
-
-    out = Path(args.out)
-    if not _launched_here(out):
-        return
-    if (out / "config.yaml").is_file() and latest_checkpoint(out) is not None:
-        args.resume, args.out, args.config = str(out), None, None
-        args.overwrite = False
-    else:
-        args.overwrite = True
-
-
-def prepare_output(args: argparse.Namespace) -> Path | None:
-    """Check --out / --resume / --overwrite before anything runs; returns the checkpoint to
-    resume from (None for a fresh run). Nothing is removed here: with --overwrite the trainer
-    clears the earlier run only once the new one has its data and stages."""
-    from .runtime.checkpoint import latest_checkpoint
-
-    if args.resume:
-        if args.config:
-            raise UsageError("--resume takes the run's own config.yaml; drop --config (give "
-                             "overrides such as train.epochs=N instead)")
-        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
-            raise UsageError("--resume continues the run in place: drop --out or make it the "
-                             "same folder")
-        if args.overwrite:
-            raise UsageError("--resume and --overwrite contradict each other")
-        run = Path(args.resume)
-        if not (run / "config.yaml").is_file():
-            raise UsageError(f"--resume {run}: no config.yaml there, not a run folder")
-        _check_writable(run)
-        ckpt = latest_checkpoint(run)
-        if ckpt is None:
-            raise UsageError(f"--resume {run}: the run has no checkpoint to continue from "
-                             f"({run / 'checkpoints'} is missing or empty)")
-        args.out = str(run)
-        return ckpt
-    if not args.out:
-        return None
-    out = Path(args.out)
-    _check_writable(out)
-    held = held_run_files(out)
-    if held and not args.overwrite:
-        raise UsageError(f"--out {out} already holds a run ({', '.join(held)}): pass --resume "
-                         f"{out} to continue it, --overwrite to replace it, or another --out")
-    return None
 
 
 def trace_folder(args: argparse.Namespace) -> Path | None:
@@ -265,6 +167,11 @@ def main(argv: list[str] | None = None) -> int:
             from .runtime.checkpoint import check_resumable, read_manifest
 
             check_resumable(read_manifest(resume, verify=False), cfg, world_size, layout)
+        # Rank 0 writes the run: a second run into this folder is refused here, the lock held
+        # until this process exits.
+        lock = RunLock(Path(args.out)) if rank == 0 and args.out else None
+        if lock is not None:
+            lock.acquire()
     except StartupError as exc:
         return refuse(exc, rank, world_size)
     warnings.formatwarning = _one_line_warning
@@ -295,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             with stop_on_signals(trainer):
                 summary = trainer.fit()
     except StartupError as exc:
+        if lock is not None:
+            lock.release(cleanup=True)  # a refused run leaves --out as it found it
         return refuse(exc, rank, world_size)
     except RuntimeError as exc:
         reason = peer_failure(exc) if world_size > 1 else None
@@ -324,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print("stopped before training began; nothing to resume", file=sys.stderr)
         return 130
+    finally:
+        if lock is not None:
+            lock.release()  # the run is over (a no-op if a refusal released it)
     ppl = (f", perplexity {summary['final_test_perplexity']:.3f} (best "
            f"{summary['best_test_perplexity']:.3f})" if "final_test_perplexity" in summary else "")
     logging.getLogger("grape_dist").info(
