@@ -440,8 +440,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def load_config_dict(data: dict) -> Config:
-    """A config from `to_dict`'s output (e.g. shipped to Ray workers), validated."""
+def load_config_dict(data: dict, overrides: list[str] | None = None) -> Config:
+    """A config from `to_dict`'s output (shipped to Ray workers, saved in a checkpoint), then
+    each `key=value` override; validated."""
+    for text in overrides or []:
+        data = _merge(data, parse_override(text))
     cfg = _build(Config, data, "")
     validate(cfg)
     return cfg

@@ -175,3 +175,21 @@ class RunLock:
         fcntl.flock(self._fd, fcntl.LOCK_UN)
         os.close(self._fd)
         self._fd = None
+
+
+def check_not_finished(manifest: dict, epochs: int, run: Path) -> None:
+    """Resuming a run that already trained its `epochs` would train nothing and only rewrite
+    its outputs: refused, naming the key that continues it."""
+    if manifest.get("epoch_done") and manifest.get("epoch", 0) >= epochs:
+        raise UsageError(f"--resume {run}: the run finished its {manifest['epoch']} epochs; "
+                         f"give train.epochs={manifest['epoch'] + 1} or more to train on")
+
+
+def resume_command(run: str | Path, world_size: int) -> str:
+    """The command that continues `run`: the same number of ranks as the run had (a
+    checkpoint resumes on its own world size)."""
+    if world_size == 1:
+        return f"python -m grape_dist.train --resume {run}"
+    return (f"torchrun --nproc_per_node={world_size} -m grape_dist.train --resume {run} "
+            "(or the same ranks over several nodes)")
+

@@ -40,10 +40,17 @@ import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
-from .config import load_config
+from .config import load_config, load_config_dict
 from .errors import StartupError, UsageError
 from .faults import fault_from_env
-from .run_folder import RunLock, mark_launch, prepare_output, resume_after_restart
+from .run_folder import (
+    RunLock,
+    check_not_finished,
+    mark_launch,
+    prepare_output,
+    resume_after_restart,
+    resume_command,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -150,8 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         resume_after_restart(args)
         resume = prepare_output(args)
         trace_dir = trace_folder(args)
-        config_path = str(Path(args.resume) / "config.yaml") if args.resume else args.config
-        cfg = load_config(config_path, args.overrides)
+        manifest = None
+        if resume is not None:
+            # A resumed run goes on with the config its checkpoint was trained with (config.yaml
+            # keeps the one it started with; resumes.jsonl, the changes since).
+            from .runtime.checkpoint import read_manifest
+
+            manifest = read_manifest(resume, verify=False)
+            cfg = load_config_dict(manifest["config"], args.overrides)
+        else:
+            cfg = load_config(args.config, args.overrides)
         from .distributed import backend_for, resolve_device
         from .runtime import plan_layout
         from .trainer import build_model_for
@@ -161,12 +176,13 @@ def main(argv: list[str] | None = None) -> int:
         # counts come from the model's own builder.
         layout = plan_layout(cfg, len(build_model_for(cfg).blocks), world_size,
                              backend_for(device))
-        if resume is not None:
+        if manifest is not None:
             # Another world size or config is refused before the group; the trainer verifies
             # the files' checksums once the group is up.
-            from .runtime.checkpoint import check_resumable, read_manifest
+            from .runtime.checkpoint import check_resumable
 
-            check_resumable(read_manifest(resume, verify=False), cfg, world_size, layout)
+            check_resumable(manifest, cfg, world_size, layout)
+            check_not_finished(manifest, cfg.train.epochs, Path(args.resume))
         # Rank 0 writes the run: a second run into this folder is refused here, the lock held
         # until this process exits.
         lock = RunLock(Path(args.out)) if rank == 0 and args.out else None
@@ -217,15 +233,16 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     except TrainingInterrupted as exc:
         if rank == 0:
-            where = (f"checkpoint {exc.checkpoint}; resume with: python -m grape_dist.train "
-                     f"--resume {args.out}" if exc.checkpoint else
+            where = (f"checkpoint {exc.checkpoint}; resume with: "
+                     f"{resume_command(args.out, world_size)}" if exc.checkpoint else
                      "no --out, so nothing was saved")
             print(f"stopped: {exc}; {where}", file=sys.stderr, flush=True)
         return 130
     except NonFiniteError as exc:
         if rank == 0:
-            last = (f"the last good checkpoint is {exc.checkpoint} (--resume {args.out} "
-                    "continues from it)" if exc.checkpoint else "no checkpoint was written yet")
+            last = (f"the last good checkpoint is {exc.checkpoint} ("
+                    f"{resume_command(args.out, world_size)} continues from it)"
+                    if exc.checkpoint else "no checkpoint was written yet")
             print(f"error: {exc}; lower optim.lr (or grape.b_optim.lr); {last}",
                   file=sys.stderr, flush=True)
         return 3
@@ -266,8 +283,8 @@ def _resume_hint(trainer, args: argparse.Namespace) -> str:
     saved = trainer.last_checkpoint if trainer is not None else None
     if saved is None:
         return "no checkpoint was written yet"
-    return (f"the last checkpoint is {saved}: --resume {args.out} continues from it "
-            "(torchrun --max-restarts=N does so by itself)")
+    return (f"the last checkpoint is {saved}: {resume_command(args.out, trainer.world_size)} "
+            "continues from it (torchrun --max-restarts=N does so by itself)")
 
 
 @contextlib.contextmanager

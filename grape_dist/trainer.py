@@ -36,6 +36,7 @@ from .runtime import Layout, build_engine, plan_layout, split_micro_batches
 from .runtime.checkpoint import (
     CheckpointError,
     check_resumable,
+    config_changes,
     load_checkpoint,
     read_manifest,
     save_checkpoint,
@@ -252,7 +253,14 @@ class Trainer:
             clear_run(self.out_dir)
         self.writer = RunWriter(self.out_dir, keep_rows=self.state.metrics_rows
                                 if manifest is not None else None)
-        self.writer.config(to_dict(cfg))
+        if manifest is None:
+            self.writer.config(to_dict(cfg))
+        else:
+            # config.yaml keeps what the run started with; a change is history.
+            changed = config_changes(manifest["config"], to_dict(cfg))
+            if changed:
+                self.writer.resumed({"step": self.state.step, "epoch": self.state.epoch,
+                                     "changed": changed})
         # TensorBoard scalars from rank 0 (<out>/tensorboard); a resumed run drops the events
         # written after its checkpoint.
         self.tb = TensorBoardWriter(self.out_dir / "tensorboard" if self.out_dir else None,

@@ -118,11 +118,11 @@ def test_a_corrupted_checkpoint_is_named_and_a_partial_one_ignored(tmp_path):
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
     shard.write_bytes(bytes(data))
-    r = run(1, "--resume", str(out))
+    r = run(1, "--resume", str(out), "train.epochs=2")
     assert r.returncode == 2 and "__0_0.distcp" in r.stderr and "SHA-256" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
     shard.write_bytes(bytes(data[:100]))
-    r = run(1, "--resume", str(out))
+    r = run(1, "--resume", str(out), "train.epochs=2")
     assert r.returncode == 2 and "truncated" in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
@@ -155,3 +155,27 @@ def test_divergence_stops_every_rank_on_the_same_step(tmp_path):
     lines = [x for x in r.stderr.splitlines() if x.startswith("error: non-finite")]
     assert len(lines) == 1, r.stderr[-3000:]
     assert "fc1 (weights)" in lines[0] and "out (weights)" in lines[0], lines[0]
+
+
+def test_a_resume_that_changes_the_lr_is_history_and_the_next_resume_keeps_it(tmp_path):
+    """`--resume RUN optim.lr=X`: config.yaml keeps the lr the run started with, resumes.jsonl
+    records the change at its step, and a later resume without the override goes on at X (from
+    the checkpoint's config). A run that trained all its epochs is not resumed."""
+    out = tmp_path / "run"
+    assert run(1, *RUN, "--out", str(out), "optim.name=sgd", "optim.lr=0.01",
+               "train.epochs=1").returncode == 0
+    started = (out / "config.yaml").read_text()
+    r = run(1, "--resume", str(out), "--quiet", "train.epochs=1")
+    assert r.returncode == 2 and "finished its 1 epochs" in r.stderr and \
+        "train.epochs=2" in r.stderr, r.stderr[-2000:]
+    assert run(1, "--resume", str(out), "--quiet", "train.epochs=2",
+               "optim.lr=0.005").returncode == 0
+    assert (out / "config.yaml").read_text() == started
+    history = [json.loads(line) for line in (out / "resumes.jsonl").read_text().splitlines()]
+    assert history == [{"step": 16, "epoch": 1, "changed": {"optim.lr": [0.01, 0.005],
+                                                            "train.epochs": [1, 2]}}]
+    assert run(1, "--resume", str(out), "--quiet", "train.epochs=3").returncode == 0
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    manifest = json.loads((out / "checkpoints" / latest / "manifest.json").read_text())
+    assert manifest["config"]["optim"]["lr"] == 0.005 and manifest["epoch"] == 3
+    assert len((out / "resumes.jsonl").read_text().splitlines()) == 2  # train.epochs 2 -> 3

@@ -4,6 +4,7 @@ crash never leaves a half-written file behind."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,8 @@ import yaml
 from ..fileio import atomic_write_text
 
 # What marks a folder as holding a run, and what --overwrite removes.
-RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "launch.json", "timing.jsonl")
+RUN_FILES = ("config.yaml", "metrics.jsonl", "summary.json", "launch.json", "timing.jsonl",
+             "resumes.jsonl")
 RUN_FOLDERS = ("checkpoints", "final_state", "tensorboard", "trace")
 
 
@@ -51,6 +53,16 @@ class RunWriter:
     def config(self, data: dict) -> None:
         if self.out_dir is not None:
             atomic_write_text(self.out_dir / "config.yaml", yaml.safe_dump(data, sort_keys=False))
+
+    def resumed(self, entry: dict[str, Any]) -> None:
+        """A resume that changed config keys: appended to resumes.jsonl (config.yaml keeps
+        the config the run started with; each checkpoint holds the config it was trained
+        with, which a resume continues from)."""
+        if self.out_dir is not None:
+            with open(self.out_dir / "resumes.jsonl", "a") as fh:
+                fh.write(json.dumps(entry) + "\n")
+                fh.flush()
+                os.fsync(fh.fileno())
 
     def metrics(self, row: dict[str, Any]) -> None:
         if self.out_dir is not None:

@@ -290,6 +290,12 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list[Any]]:
+    """{dotted key: [saved value, value now]} for every key whose value differs, sorted."""
+    a, b = _flatten(saved), _flatten(now)
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
+
+
 def check_resumable(manifest: dict[str, Any], cfg: Any, world_size: int, layout: Any) -> None:
     """Refuse to resume a checkpoint into another world size, layout or config (apart from
     RESUME_MAY_CHANGE); the message names what differs."""
@@ -304,12 +310,11 @@ def check_resumable(manifest: dict[str, Any], cfg: Any, world_size: int, layout:
     if (manifest["pp"], manifest["dp"]) != (layout.pp, layout.dp):
         raise CheckpointError(f"the checkpoint's mesh is pp={manifest['pp']} x "
                               f"dp={manifest['dp']}, this run's pp={layout.pp} x dp={layout.dp}")
-    saved, now = _flatten(manifest["config"]), _flatten(to_dict(cfg))
-    changed = sorted(k for k in saved.keys() | now.keys()
-                     if saved.get(k) != now.get(k) and k not in RESUME_MAY_CHANGE)
+    diff = config_changes(manifest["config"], to_dict(cfg))
+    changed = [k for k in diff if k not in RESUME_MAY_CHANGE]
     if changed:
         k = changed[0]
         raise CheckpointError(
-            f"{k} is {now.get(k)!r} here but {saved.get(k)!r} in the checkpoint"
+            f"{k} is {diff[k][1]!r} here but {diff[k][0]!r} in the checkpoint"
             + (f" (and {len(changed) - 1} more keys differ)" if len(changed) > 1 else "")
             + f"; a resumed run may change only {', '.join(RESUME_MAY_CHANGE)}")
