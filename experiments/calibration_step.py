@@ -60,6 +60,30 @@ def block_norms(trainer: Trainer, before: dict, after: dict | None = None) -> di
     return {k: math.sqrt(v) for k, v in out.items()}
 
 
+@torch.no_grad()
+def batch_stat_loss(trainer: Trainer, rows: Tensors, chunk: int = 500) -> float:
+    """The mean loss on `rows` with BatchNorm normalising by each chunk's own statistics
+    instead of the running ones (running statistics left as they are): tells a BatchNorm
+    train/eval gap from damage to the weights."""
+    model = trainer.model
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.training, m.momentum) for m in bns]
+    for m in bns:
+        m.train()
+        m.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
+    total, n = 0.0, 0
+    for start in range(0, len(rows.y), chunk):
+        x, y = rows.x[start:start + chunk], rows.y[start:start + chunk]
+        out = model(x)
+        total += float(torch.nn.functional.cross_entropy(
+            out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum"))
+        n += y.numel()
+    for m, (training, momentum) in zip(bns, saved):
+        m.train(training)
+        m.momentum = momentum
+    return total / n
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", required=True)
@@ -93,7 +117,8 @@ def main() -> None:
         test_loss, test_acc = trainer.evaluate(trainer.test)
         trainer.state.progress = type(trainer.state.progress)()
         print(f"epoch {epoch}: train loss {loss:.3f} acc {100 * acc:.2f} (during the epoch), "
-              f"test loss {test_loss:.3f} acc {100 * test_acc:.2f} "
+              f"test loss {test_loss:.3f} acc {100 * test_acc:.2f}, test loss with batch "
+              f"statistics {batch_stat_loss(trainer, trainer.test):.3f} "
               f"({time.perf_counter() - t0:.0f} s)")
     base = snapshot(trainer)
     loss0, acc0 = trainer.evaluate(rows)
@@ -104,7 +129,8 @@ def main() -> None:
     d_train = block_norms(trainer, base[0], snapshot(trainer)[0])
     restore(trainer, base)
     print(f"\ntraining loss on {len(idx)} training rows (eval mode) before calibrating: "
-          f"{loss0:.4f} (accuracy {100 * acc0:.2f})")
+          f"{loss0:.4f} (accuracy {100 * acc0:.2f}); with batch statistics in BatchNorm: "
+          f"{batch_stat_loss(trainer, rows):.4f}")
     results = {}
     for form in args.forms.split(","):
         sub = load_config(args.config, [*args.overrides, "calibration.every_epochs=1",
@@ -116,9 +142,10 @@ def main() -> None:
         after = snapshot(trainer)
         loss1, acc1 = trainer.evaluate(rows)
         results[form] = (loss1, acc1, block_norms(trainer, base[0], after[0]))
+        bstat = batch_stat_loss(trainer, rows)
         restore(trainer, base)
         print(f"after one calibration, {form:>32}: loss {loss1:.4f} ({loss1 / loss0:.2f}x), "
-              f"accuracy {100 * acc1:.2f}")
+              f"accuracy {100 * acc1:.2f}; with batch statistics {bstat:.4f}")
     print("\nper block: |W|, one training step's |dW|, and each form's calibration |dW| "
           "(÷ |W|)")
     forms = list(results)

@@ -262,7 +262,7 @@ def test_resnet20_on_eight_ranks_follows_the_one_process_trajectory(cifar100_roo
     """One residual block per rank (stem + 3 blocks on rank 0 by parameter count); BatchNorm
     sees the same micro-batches, so the trajectory is the same as one process's."""
     args = ["rule=grape", *RESNET, f"data.root={cifar100_root}", "calibration.every_epochs=1",
-            # the shipped ResNet form: a point per conv, channel-shared feedback
+            # a point per conv, channel-shared feedback (the layer form on 8 ranks)
             "feedback.points=layer", "feedback.conv=channel", "grape.routing=shared"]
     runs = {}
     for n in (1, 8):
