@@ -195,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     if args.quiet:
         cfg.train.progress = False
+    if rank == 0 and not args.out:
+        logging.getLogger("grape_dist").warning(
+            "no --out: nothing of this run is saved (metrics, checkpoints, summary); give "
+            "--out DIR to keep it")
     if args.quiet or rank:
         from .data.access import silence_progress_bars
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -102,14 +103,37 @@ def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, str]:
     if cfg.data.name in TEXT_DATASETS:
         text = load_text_dataset(cfg.data.name, cfg.data.root, cfg.data.seq_len,
                                  cfg.data.tokenizer, cfg.data.vocab_size)
-        return (_subset(text.train_x, text.train_y, cfg.data.train_subset, cfg.seed),
-                _subset(text.test_x, text.test_y, cfg.data.test_subset, cfg.seed), text.source)
+        return (_subset(text.train_x, text.train_y, cfg.data.train_subset, cfg.seed,
+                        "data.train_subset", cfg.data.name),
+                _subset(text.test_x, text.test_y, cfg.data.test_subset, cfg.seed,
+                        "data.test_subset", cfg.data.name), text.source)
     ds = load_image_dataset(cfg.data.name, cfg.data.root)
     splits = []
-    for split, n in ((ds.train, cfg.data.train_subset), (ds.test, cfg.data.test_subset)):
-        part = _subset(split.images, split.labels, n, cfg.seed)  # before normalising: cheaper
+    for split, n, key in ((ds.train, cfg.data.train_subset, "data.train_subset"),
+                          (ds.test, cfg.data.test_subset, "data.test_subset")):
+        # Before normalising: cheaper.
+        part = _subset(split.images, split.labels, n, cfg.seed, key, cfg.data.name)
         splits.append(Tensors(normalize(part.x, ds.mean, ds.std), part.y))
     return splits[0], splits[1], ds.source
+
+
+def threads_per_process(threads: int, local_world_size: int | None = None,
+                        cpus: int | None = None) -> int:
+    """`train.threads` for this process: as configured, unless the processes on this node
+    (LOCAL_WORLD_SIZE, set by torchrun) would then ask for more threads than the node has
+    CPUs; then each gets its share, at least 1 (said once, by local rank 0). 0: torch's
+    default, which torch already divides."""
+    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+    cpus = cpus or len(os.sched_getaffinity(0))
+    if not threads or threads * local <= cpus:
+        return threads
+    share = max(1, cpus // local)
+    if share >= threads:  # one thread each is the least there is
+        return threads
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        log.warning("train.threads=%d x %d processes on this node would oversubscribe its %d "
+                    "CPUs: %d thread(s) each", threads, local, cpus, share)
+    return share
 
 
 def check_fits_data(cfg: Config, train_samples: int) -> None:
@@ -149,10 +173,15 @@ def agree_to_start(failure: StartupError | None) -> None:
         raise RankFailures(failures, len(found))
 
 
-def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> Tensors:
-    """A fixed random subset of n samples (0 = all)."""
+def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, key: str = "",
+            dataset: str = "") -> Tensors:
+    """A fixed random subset of n samples (0 = all); more than the split holds is refused
+    (DataError naming `key`) rather than silently clamped."""
     if not n:
         return Tensors(x, y)
+    if n > len(y):
+        raise DataError(f"{key}={n} is larger than the {len(y)} samples of {dataset}'s split: "
+                        f"give at most {len(y)}, or 0 for all of them")
     idx = subset_indices(len(y), n, seed)
     return Tensors(x[idx], y[idx])
 
@@ -202,8 +231,9 @@ class Trainer:
         self.cfg = cfg
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
+        threads = threads_per_process(cfg.train.threads)
+        if threads:
+            torch.set_num_threads(threads)
         self.device = device if device is not None else resolve_device(cfg.train.device)
         model = build_model_for(cfg)
         # The entry point validates the layout before joining the group; direct callers here.
@@ -356,7 +386,8 @@ class Trainer:
                                 drop_last=cfg.pipeline.schedule != "native")
         prog = self.state.progress
         bar = Progress(len(batches) - prog.batches, f"epoch {epoch}/{cfg.train.epochs}",
-                       cfg.train.progress and self.rank == 0)
+                       cfg.train.progress and self.rank == 0,
+                       rest_of_run=(cfg.train.epochs - epoch) * len(batches))
         for idx in batches[prog.batches:]:
             rows, offset, total = self._replica_rows(idx)
             t_step = time.perf_counter()

@@ -540,6 +540,7 @@ def test_tinyimagenet_resnet_trains_end_to_end(
 
 def test_offline_fails_fast(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "data").mkdir()  # a data folder without this dataset
     monkeypatch.setenv("GRAPE_DATA_DIR", str(tmp_path / "data"))
     start = time.monotonic()
     with pytest.raises(DatasetUnavailableError) as err:
@@ -612,3 +613,24 @@ def test_subset_and_random_batches() -> None:
     assert len(torch.unique(r)) == 32 and int(r.max()) < 1000
     with pytest.raises(ValueError):
         random_batch_indices(10, 11, seed=0, key=0)
+
+
+@pytest.mark.parametrize("how", ["root", "env"])
+def test_a_named_data_folder_that_does_not_exist_is_refused(how, tmp_path, monkeypatch):
+    """MNIST has an embedded copy, but a data folder the user named and mistyped must not
+    silently fall back to it (nor to the hub): the error names the setting."""
+    missing = tmp_path / "no_such_data"
+    monkeypatch.delenv("GRAPE_DATA_DIR", raising=False)
+    kwargs = {"cache_dir": str(tmp_path / "cache")}
+    if how == "root":
+        kwargs["root"] = str(missing)
+        name = f"data.root={missing}"
+    else:
+        monkeypatch.setenv("GRAPE_DATA_DIR", str(missing))
+        name = f"GRAPE_DATA_DIR={missing}"
+    with pytest.raises(DatasetUnavailableError, match=f"{name}: no such folder"):
+        load_image_dataset("mnist", **kwargs)
+    from grape_dist.data import load_text_dataset
+    with pytest.raises(DatasetUnavailableError, match="no such folder"):
+        load_text_dataset("shakespeare", kwargs.get("root"), 64, "char", 0)
+

@@ -50,6 +50,15 @@ def test_eta_and_rate_from_a_fake_clock() -> None:
     assert "100/100" in line and "ETA 00:00:00" in line and "   1.3 it/s" in line
 
 
+def test_the_runs_eta_counts_the_later_epochs() -> None:
+    """Epoch 1 of 3 with 100 steps each: after 25 steps in 50 s, 75 + 200 steps are left."""
+    clock = Clock()
+    bar = Progress(100, "epoch 1/3", stream=io.StringIO(), clock=clock, rest_of_run=200)
+    clock.t += 50.0
+    bar.n = 25
+    assert "ETA 00:02:30 run 00:09:10" in bar.line(clock())
+
+
 def test_line_width_is_fixed() -> None:
     """Whatever the values, a redrawn line keeps its length and its columns."""
     clock, out = Clock(), Tty()

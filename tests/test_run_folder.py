@@ -79,3 +79,4 @@ def test_overwrite_cannot_clear_a_run_that_is_still_training(tmp_path, capfd):
     assert first.returncode == 130, err[-2000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["epoch"] == i // 2 + 1 for i, r in enumerate(rows)), rows
+

@@ -155,3 +155,13 @@ def test_entry_point_under_torchrun(tmp_path):
                   *QUICK], tmp_path)
     assert r.returncode == 0, r.stderr
     _check_outputs(out)
+
+
+def test_threads_are_shared_out_when_the_node_would_be_oversubscribed():
+    from grape_dist.trainer import threads_per_process
+
+    assert threads_per_process(2, local_world_size=8, cpus=2) == 1
+    assert threads_per_process(4, local_world_size=2, cpus=6) == 3
+    assert threads_per_process(2, local_world_size=1, cpus=2) == 2  # fits: as configured
+    assert threads_per_process(1, local_world_size=8, cpus=2) == 1
+    assert threads_per_process(0, local_world_size=8, cpus=2) == 0  # torch's default

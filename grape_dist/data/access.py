@@ -60,13 +60,21 @@ def silence_progress_bars() -> None:
 
 
 def resolve_root(root: str | os.PathLike[str] | None) -> tuple[Path | None, str]:
-    """(data root, where that came from): the argument, else $GRAPE_DATA_DIR, else None."""
+    """(data root, where that came from): the argument, else $GRAPE_DATA_DIR, else None. A
+    folder that was named but does not exist is refused (DatasetUnavailableError): falling
+    back to the embedded copy or the hub would train on data the user did not ask for."""
     if root is not None and str(root) != "":
-        return Path(root).expanduser(), "root argument"
-    env = os.environ.get(DATA_DIR_ENV, "")
-    if env:
-        return Path(env).expanduser(), DATA_DIR_ENV
-    return None, ""
+        path, origin, name = Path(root).expanduser(), "root argument", f"data.root={root}"
+    elif os.environ.get(DATA_DIR_ENV, ""):
+        env = os.environ[DATA_DIR_ENV]
+        path, origin, name = Path(env).expanduser(), DATA_DIR_ENV, f"{DATA_DIR_ENV}={env}"
+    else:
+        return None, ""
+    if not path.is_dir():
+        raise DatasetUnavailableError(
+            f"{name}: {'no such folder' if not path.exists() else 'not a folder'}; fix the path, "
+            "or leave it unset to use the embedded MNIST copy or the hub")
+    return path, origin
 
 
 def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None) -> Path:

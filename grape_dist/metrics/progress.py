@@ -5,7 +5,9 @@ Every number is printed at a fixed width (the step count padded to the total's w
 an ETA as HH:MM:SS, each `info` value in 9 characters), so a line redrawn in place does not
 jitter as the values change:
 
-    epoch 1/20 [######..................]  117/469   38.2 it/s ETA 00:00:09 loss    0.3120 ...
+    epoch 1/20 [######..................]  117/469   38.2 it/s ETA 00:00:09 run 00:04:01 loss ...
+
+(the run's ETA counts training steps only, at this epoch's rate: evaluations come on top).
 """
 
 from __future__ import annotations
@@ -55,9 +57,13 @@ def format_rate(rate: float) -> str:
 
 class Progress:
     def __init__(self, total: int, desc: str, enabled: bool = True, stream: TextIO | None = None,
-                 every_s: float = 0.25, clock: Callable[[], float] = time.perf_counter) -> None:
-        """`clock`: seconds as a float (tests pass a fake one)."""
+                 every_s: float = 0.25, clock: Callable[[], float] = time.perf_counter,
+                 rest_of_run: int | None = None) -> None:
+        """`clock`: seconds as a float (tests pass a fake one). `rest_of_run`: the iterations
+        still to come after this bar's (a run's later epochs): the line then also gives the
+        whole run's ETA at this bar's rate."""
         self.total, self.desc, self.enabled = total, desc, enabled
+        self.rest_of_run = rest_of_run
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every_s = every_s if self.tty else 30.0
@@ -65,12 +71,13 @@ class Progress:
         self.start = self._last = clock()
         self.n = 0
 
-    def eta(self, now: float) -> float | None:
-        """Seconds left at the mean rate so far; None before it is known."""
+    def eta(self, now: float, rest: int = 0) -> float | None:
+        """Seconds left at the mean rate so far (and `rest` iterations more); None before it
+        is known."""
         elapsed = now - self.start
         if self.n <= 0 or elapsed <= 0:
             return None
-        return max(self.total - self.n, 0) * elapsed / self.n
+        return (max(self.total - self.n, 0) + rest) * elapsed / self.n
 
     def line(self, now: float, **info: float) -> str:
         elapsed = now - self.start
@@ -81,6 +88,8 @@ class Progress:
         extra = " ".join(f"{k} {format_value(v)}" for k, v in info.items())
         return (f"{self.desc} [{'#' * fill}{'.' * (width - fill)}] {self.n:>{digits}}/"
                 f"{self.total} {format_rate(rate)} ETA {format_duration(self.eta(now))}"
+                + ("" if self.rest_of_run is None else
+                   f" run {format_duration(self.eta(now, self.rest_of_run))}")
                 + (f" {extra}" if extra else ""))
 
     def update(self, n: int = 1, **info: float) -> None:
