@@ -292,9 +292,10 @@ class Trainer:
                 self.writer.resumed({"step": self.state.step, "epoch": self.state.epoch,
                                      "changed": changed})
         # TensorBoard scalars from rank 0 (<out>/tensorboard); a resumed run drops the events
-        # written after its checkpoint.
+        # written after its checkpoint (those at the checkpoint's own step were logged before
+        # it was saved, and stay).
         self.tb = TensorBoardWriter(self.out_dir / "tensorboard" if self.out_dir else None,
-                                    purge_step=self.state.step if manifest else None)
+                                    purge_step=self.state.step + 1 if manifest else None)
         self.tb.config(to_dict(cfg))
         if self.out_dir is not None:
             clear_final_state(self.out_dir)

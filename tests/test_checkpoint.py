@@ -40,6 +40,14 @@ def test_resume_from_a_checkpoint_ends_like_the_uninterrupted_run(uninterrupted,
     r = run(nproc, "--resume", str(cut), "--quiet")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_results(full, cut)
+    # TensorBoard: every step's point once, the checkpoint's own step included.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    def loss_steps(run_dir):
+        acc = EventAccumulator(str(run_dir / "tensorboard"))
+        acc.Reload()
+        return sorted(e.step for e in acc.Scalars("step/loss"))
+    assert loss_steps(cut) == loss_steps(full)
 
 
 def test_sigint_checkpoints_then_resume_ends_like_the_uninterrupted_run(tmp_path):

@@ -35,8 +35,9 @@ class TensorBoardWriter:
     """Scalars into `log_dir` through torch's SummaryWriter (the `tensorboard` package).
 
     `log_dir=None` makes every method a no-op, so callers need no `if rank == 0` around each
-    call (as with RunWriter). `purge_step`: on a resumed run, the step of its checkpoint —
-    TensorBoard then drops the events a crashed run wrote after it, so curves do not fold back.
+    call (as with RunWriter). `purge_step`: on a resumed run, the first step after its
+    checkpoint: TensorBoard drops the events a crashed run wrote from there on, so curves do
+    not fold back, and keeps the checkpoint step's own.
     `step_every`: `step()` writes only every that many steps (1: all), to keep event files small
     on long runs."""
 
