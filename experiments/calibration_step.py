@@ -1,4 +1,4 @@
-"""What one calibration step does to a model trained by a direct rule (issue 17).
+r"""What one calibration step does to a model trained by a direct rule (issue 17).
 
 Trains `--config` (plus overrides) for `--epochs` epochs without calibrating, in one process,
 then, from the same trained weights each time, applies one calibration step of every form in

@@ -1,4 +1,4 @@
-"""Run the trainer as a Ray Train job: the same config, run folder and results as torchrun.
+r"""Run the trainer as a Ray Train job: the same config, run folder and results as torchrun.
 
     # a local Ray (started here) with 2 CPU workers, gloo
     python -m grape_dist.ray_job --config configs/mnist_mlp_grape.yaml --num-workers 2 \

@@ -1,4 +1,4 @@
-"""Train a model with BP, FA, DFA, DRTP, PEPITA or GrAPE.
+r"""Train a model with BP, FA, DFA, DRTP, PEPITA or GrAPE.
 
     # one process (the embedded MNIST copy needs no network or data folder)
     python -m grape_dist.train --config configs/mnist_mlp_grape.yaml --out runs/mlp_grape
