@@ -62,8 +62,11 @@ def _worker(loop_config: dict[str, Any]) -> None:
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    logging.basicConfig(level=logging.WARNING if loop_config["quiet"] or rank else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    level = logging.WARNING if loop_config["quiet"] or rank else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # Ray configures its workers' root logger first (basicConfig is then a no-op): set our
+    # logger's level itself, so ranks other than 0 print warnings only, as under torchrun.
+    logging.getLogger("grape_dist").setLevel(level)
     cfg = load_config_dict(loop_config["config"])
     device = ray.train.torch.get_device()
     layout = plan_layout(cfg, len(build_model_for(cfg).blocks), world, backend_for(device))
@@ -126,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     if not ray.is_initialized():
@@ -147,7 +150,10 @@ def main(argv: list[str] | None = None) -> int:
                                  timeout_s=int(cfg.pipeline.timeout_s)),
         scaling_config=ScalingConfig(num_workers=args.num_workers, use_gpu=args.use_gpu),
         run_config=RunConfig(name="grape_dist", storage_path=storage,
-                             failure_config=FailureConfig(max_failures=args.max_failures)),
+                             failure_config=FailureConfig(max_failures=args.max_failures),
+                             # Ray's copies follow the run's own retention.
+                             checkpoint_config=CheckpointConfig(
+                                 num_to_keep=cfg.train.keep_checkpoints)),
     )
     result = trainer.fit()
     if result.error is not None:
