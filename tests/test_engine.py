@@ -273,3 +273,25 @@ def test_statistics_can_stay_on_the_device_until_read():
     lazy = engine.train_step(x, y, 0)
     assert isinstance(lazy.loss_sum, torch.Tensor) and lazy.loss_sum.dim() == 0
     assert all(isinstance(v, torch.Tensor) for v in lazy.stats.values())
+
+
+def test_balance_by_time_measures_token_models_and_leaves_batch_norm_alone():
+    """pipeline.balance=time: the language model's stage-0 input is token ids (float zeros
+    would fail the embedding), and measuring a ResNet whose blocks are built changes none of
+    their BatchNorm running statistics."""
+    from grape_dist.runtime.partition import measured_costs
+    from grape_dist.trainer import build_model_for
+
+    lm = build_model_for(load_config(None, [
+        "model.name=transformer", "data.name=shakespeare", "model.layers=2", "model.d_model=32",
+        "model.heads=2", "data.seq_len=16"]))
+    costs = measured_costs(lm, seed=0, batch=4, repeats=1)
+    assert len(costs) == len(lm.blocks) and all(c > 0 for c in costs)
+    resnet = build_model_for(load_config(None, ["model.name=resnet", "model.depth=8",
+                                                "data.name=cifar10"]))
+    resnet.materialize(range(len(resnet.blocks)), seed=0)
+    before = {k: v.clone() for k, v in resnet.state_dict().items()}
+    measured_costs(resnet, seed=0, batch=4, repeats=1)
+    after = resnet.state_dict()
+    assert any("running_mean" in k for k in before)
+    assert all(torch.equal(before[k], after[k]) for k in before)

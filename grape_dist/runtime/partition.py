@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 
@@ -55,13 +56,16 @@ def parameter_costs(model: BlockModel) -> list[float]:
 
 def measured_costs(model: BlockModel, seed: int, device: torch.device | str = "cpu",
                    batch: int = 32, repeats: int = 3) -> list[float]:
-    """Forward seconds per block on `batch` rows. Blocks are built one at a time (a throwaway
-    copy when this rank does not hold them), so measuring never holds the whole model."""
+    """Forward seconds per block on `batch` rows of the model's input dtype (token ids 0 for a
+    language model). Every block is a throwaway copy, built one at a time: measuring never
+    holds the whole model, and never touches the real blocks' state (BatchNorm's running
+    statistics)."""
     costs = []
     with torch.no_grad():
-        h = torch.zeros(batch, *model.input_shape, device=device)
+        h = torch.zeros(batch, *model.input_shape, device=device,
+                        dtype=model.input_dtype or torch.get_default_dtype())
         for i in range(len(model.blocks)):
-            block = model.blocks[i] if model.is_materialized(i) else \
+            block = copy.deepcopy(model.blocks[i]) if model.is_materialized(i) else \
                 model.build_block(i, seed).to(device)
             block(h)  # warm-up
             t0 = time.perf_counter()
