@@ -124,7 +124,9 @@ def threads_per_process(threads: int, local_world_size: int | None = None,
     CPUs; then each gets its share, at least 1 (said once, by local rank 0). 0: torch's
     default, which torch already divides."""
     local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    cpus = cpus or len(os.sched_getaffinity(0))
+    if not cpus:  # the CPUs this process may use (macOS has no affinity call: all of them)
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+            os.cpu_count() or 1
     if not threads or threads * local <= cpus:
         return threads
     share = max(1, cpus // local)
