@@ -59,7 +59,8 @@ def silence_progress_bars() -> None:
         sys.modules["datasets"].disable_progress_bars()
 
 
-def resolve_root(root: str | os.PathLike[str] | None) -> tuple[Path | None, str]:
+def resolve_root(root: str | os.PathLike[str] | None, dataset: str = ""
+                 ) -> tuple[Path | None, str]:
     """(data root, where that came from): the argument, else $GRAPE_DATA_DIR, else None. A
     folder that was named but does not exist is refused (DatasetUnavailableError): falling
     back to the embedded copy or the hub would train on data the user did not ask for."""
@@ -71,9 +72,10 @@ def resolve_root(root: str | os.PathLike[str] | None) -> tuple[Path | None, str]
     else:
         return None, ""
     if not path.is_dir():
+        looking = f" (looking for {dataset})" if dataset else ""
         raise DatasetUnavailableError(
-            f"{name}: {'no such folder' if not path.exists() else 'not a folder'}; fix the path, "
-            "or leave it unset to use the embedded MNIST copy or the hub")
+            f"{name}: {'no such folder' if not path.exists() else 'not a folder'}{looking}; fix "
+            "the path, or leave it unset to use the embedded MNIST copy or the hub")
     return path, origin
 
 

@@ -132,7 +132,7 @@ def load_image_dataset(
     """
     src = get_source(name)
     cache_root = resolve_cache_dir(cache_dir)
-    data_root, root_origin = resolve_root(root)
+    data_root, root_origin = resolve_root(root, src.name)
 
     looked: list[str] = []
     folders: list[tuple[Path, str]] = []

@@ -398,7 +398,7 @@ def load_text_dataset(name: str, root: str | os.PathLike[str] | None, seq_len: i
 
 
 def _find_corpus(src: TextSource, root: str | os.PathLike[str] | None) -> _Corpus:
-    base, origin = resolve_root(root)
+    base, origin = resolve_root(root, src.name)
     if src.files is not None:
         return _plain_text_corpus(src, base)
     looked: list[str] = []
