@@ -177,13 +177,13 @@ def agree_to_start(failure: StartupError | None) -> None:
 
 def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, key: str = "",
             dataset: str = "") -> Tensors:
-    """A fixed random subset of n samples (0 = all); more than the split holds is refused
-    (DataError naming `key`) rather than silently clamped."""
+    """A fixed random subset of n samples (0 = all). More than the split holds takes all of
+    it, and rank 0 says so in one line (naming `key`) instead of clamping silently."""
     if not n:
         return Tensors(x, y)
-    if n > len(y):
-        raise DataError(f"{key}={n} is larger than the {len(y)} samples of {dataset}'s split: "
-                        f"give at most {len(y)}, or 0 for all of them")
+    if n > len(y) and (not dist.is_initialized() or dist.get_rank() == 0):
+        log.warning("%s=%d is larger than the %d samples of %s's split: using all %d",
+                    key, n, len(y), dataset, len(y))
     idx = subset_indices(len(y), n, seed)
     return Tensors(x[idx], y[idx])
 

@@ -157,8 +157,6 @@ CASES: dict[str, Case] = {
     "--resume, metrics.jsonl cut short": Case(["--resume", "{tmp}/out", "train.epochs=2"],
                                               "metrics.jsonl",
                                               setup=run_with_metrics_cut, config=False),
-    "train_subset larger than the data": Case(["data.train_subset=1000000"],
-                                               "data.train_subset=1000000 is larger than"),
     "data.root that does not exist": Case(["data.root={tmp}/no_such_data"], "no such folder"),
     "GRAPE_DATA_DIR that does not exist": Case([], "GRAPE_DATA_DIR",
                                                env={"GRAPE_DATA_DIR": "/no/such/data"}),

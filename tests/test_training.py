@@ -165,3 +165,15 @@ def test_threads_are_shared_out_when_the_node_would_be_oversubscribed():
     assert threads_per_process(2, local_world_size=1, cpus=2) == 2  # fits: as configured
     assert threads_per_process(1, local_world_size=8, cpus=2) == 1
     assert threads_per_process(0, local_world_size=8, cpus=2) == 0  # torch's default
+
+
+def test_a_subset_larger_than_the_split_takes_all_of_it_and_says_so(caplog):
+    cfg = load_config(None, ["data.train_subset=1000000", "data.test_subset=500",
+                             "train.progress=false", "model.hidden=[16]"])
+    with caplog.at_level("WARNING", logger="grape_dist"):
+        trainer = Trainer(cfg, None)
+    assert len(trainer.train.y) == 60000 and len(trainer.test.y) == 500
+    lines = [r.getMessage() for r in caplog.records if "larger than" in r.getMessage()]
+    assert lines == ["data.train_subset=1000000 is larger than the 60000 samples of mnist's "
+                     "split: using all 60000"]
+
