@@ -36,8 +36,10 @@ def _ours(stderr: str) -> list[str]:
 
 
 @pytest.mark.parametrize("fault,timeout_s,reason", [
-    ("kill", 120, "Connection reset"),  # the socket closes: seen at once, not at the timeout
-    ("hang", 4, "Timed out"),  # nothing arrives: seen when pipeline.timeout_s runs out
+    # The socket closes: seen at once, not at the timeout. Gloo words it either way, by which
+    # side of the connection notices first.
+    ("kill", 120, ("Connection reset", "Connection closed")),
+    ("hang", 4, ("Timed out",)),  # nothing arrives: seen when pipeline.timeout_s runs out
 ])
 def test_a_lost_peer_stops_the_job_with_one_line_within_the_timeout(
         fault, timeout_s, reason, tmp_path):
@@ -49,7 +51,8 @@ def test_a_lost_peer_stops_the_job_with_one_line_within_the_timeout(
     assert r.returncode != 0
     lines = _ours(r.stderr)
     assert len(lines) == 1, r.stderr[-4000:]
-    assert lines[0].startswith("error (rank 0): lost a peer after step 12") and reason in lines[0]
+    assert lines[0].startswith("error (rank 0): lost a peer after step 12"), lines[0]
+    assert any(r in lines[0] for r in reason), lines[0]
     assert "step_000000010" in lines[0] and f"--resume {out}" in lines[0], lines[0]
     assert 'File "' + str(Path(__file__).resolve().parents[1] / "grape_dist") not in r.stderr
     # Start-up and 12 steps take seconds; a hang that waited for nothing would reach the
