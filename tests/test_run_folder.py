@@ -63,7 +63,7 @@ def test_overwrite_cannot_clear_a_run_that_is_still_training(tmp_path, capfd):
     out = tmp_path / "out"
     first = subprocess.Popen(
         [sys.executable, "-m", "grape_dist.train", "--config", CONFIG, *SMALL,
-         "train.epochs=40", "--out", str(out)],
+         "train.epochs=5000", "--out", str(out)],  # far more than the test waits for
         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE,
         text=True)
     try:
