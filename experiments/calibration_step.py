@@ -137,7 +137,7 @@ def main() -> None:
                                         *[f"calibration.{o}" for o in form.split("+")]])
         trainer.cfg = dataclasses.replace(cfg, calibration=sub.calibration)
         restore(trainer, base)
-        trainer.engine = rebuild_calibration(trainer, sub)
+        rebuild_calibration(trainer, sub)
         trainer.calibrate(args.epochs)
         after = snapshot(trainer)
         loss1, acc1 = trainer.evaluate(rows)
@@ -159,15 +159,14 @@ def main() -> None:
               " ".join(f"{c:>26}" for c in cells))
 
 
-def rebuild_calibration(trainer: Trainer, cfg) -> object:
-    """The engine with every stage's calibration rule rebuilt for `cfg`'s calibration form
-    (one process: every stage is local)."""
+def rebuild_calibration(trainer: Trainer, cfg) -> None:
+    """Rebuild every stage's calibration rule for `cfg`'s calibration form, in place (one
+    process: every stage is local)."""
     from grape_dist.rules import build_calibration_rule
 
     for stage in trainer.engine.stages:
         stage.calibration = build_calibration_rule(cfg, trainer.engine.model, stage.first,
                                                    stage.last, rule=stage.rule)
-    return trainer.engine
 
 
 if __name__ == "__main__":

@@ -71,10 +71,7 @@ class BackpropRule(StageRule):
             raise RuntimeError(f"{len(self._stash)} micro-batches got no backward this step")
         if self.fresh_optimizer_state:
             self.optimizer.state.clear()
-        if not self.max_update:
-            self._apply_update()
-            return {}
-        before = [p.detach().clone() for p in self.parameters()]
+        before = [p.detach().clone() for p in self.parameters()] if self.max_update else []
         self._apply_update()
         with torch.no_grad():
             for p, w in zip(self.parameters(), before):
