@@ -14,7 +14,8 @@ then, from the same trained weights each time, applies one calibration step of e
         data.name=cifar10 data.train_subset=10000
 
 A form is a list of `calibration.*` overrides joined by '+', e.g.
-`form=paper+max_update=0` (the paper's step) or `form=optimizer`; `--forms` separates forms by ','.
+`form=paper+max_update=0+line_search=0` (the paper's step) or `form=optimizer`; `--forms` separates
+forms by ','.
 """
 
 from __future__ import annotations
@@ -32,7 +33,13 @@ from grape_dist.config import load_config
 from grape_dist.data.sampling import subset_indices
 from grape_dist.trainer import Tensors, Trainer
 
-DEFAULT_FORMS = "form=paper+max_update=0,form=paper,form=optimizer+max_update=0,form=optimizer"
+DEFAULT_FORMS = ",".join([
+    "form=paper+max_update=0+line_search=0",  # the paper's step
+    "form=paper+line_search=0",  # the trust bound alone
+    "form=paper",  # the default: bounded and checked
+    "form=optimizer+max_update=0+line_search=0",
+    "form=optimizer",
+])
 
 
 def snapshot(trainer: Trainer) -> tuple[dict, list[dict]]:
@@ -73,7 +80,7 @@ def batch_stat_loss(trainer: Trainer, rows: Tensors, chunk: int = 500) -> float:
         m.momentum = 0.0  # running = 1 * running + 0 * batch: unchanged
     total, n = 0.0, 0
     for start in range(0, len(rows.y), chunk):
-        x, y = rows.x[start:start + chunk], rows.y[start:start + chunk]
+        x, y = trainer.inputs(rows.x[start:start + chunk]), rows.y[start:start + chunk].long()
         out = model(x)
         total += float(torch.nn.functional.cross_entropy(
             out.reshape(-1, out.shape[-1]), y.reshape(-1), reduction="sum"))
@@ -125,7 +132,7 @@ def main() -> None:
     w_norm = block_norms(trainer, base[0])
     # One more training step of the direct rule, undone: the size of its update.
     batch = torch.arange(cfg.data.batch_size)
-    trainer.engine.train_step(trainer.train.x[batch], trainer.train.y[batch], trainer.state.step)
+    trainer.engine.train_step(*trainer._training_rows(batch, args.epochs), trainer.state.step)
     d_train = block_norms(trainer, base[0], snapshot(trainer)[0])
     restore(trainer, base)
     print(f"\ntraining loss on {len(idx)} training rows (eval mode) before calibrating: "

@@ -193,6 +193,12 @@ class CalibrationConfig:
     # Trust bound for either form: each tensor moves by at most max_update x its norm
     # (0 = unbounded, the paper's).
     max_update: float = 0.01
+    # The step is tried at 1, 1/2, ..., 1/2^line_search of its length; the one with the lowest
+    # loss (eval mode) on `check_rows` training rows drawn apart from its mini-batch is kept,
+    # or none if none lowers it (0 = off, the paper's). check_rows 0: judge on the calibration
+    # mini-batch itself (too lenient: docs/grape.md).
+    line_search: int = 4
+    check_rows: int = 1024
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(name="sgd", lr=0.01, momentum=0.9)
     )
@@ -527,6 +533,10 @@ def validate(cfg: Config) -> None:
            "set it to false")
     _check(c.max_update >= 0, "calibration.max_update",
            f"must be >= 0 (0 = unbounded), got {c.max_update}")
+    _check(c.line_search >= 0, "calibration.line_search",
+           f"must be >= 0 (halvings tried; 0 = off), got {c.line_search}")
+    _check(c.check_rows >= 0, "calibration.check_rows",
+           f"must be >= 0 (0 = the calibration batch), got {c.check_rows}")
     if c.trigger == "alignment":
         _check(c.every_epochs > 0, "calibration.trigger",
                "alignment checks every calibration.every_epochs epochs: set it >= 1")

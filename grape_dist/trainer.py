@@ -19,12 +19,19 @@ from .data import (
     get_source,
     load_image_dataset,
     load_text_dataset,
-    normalize,
     random_batch_indices,
     subset_indices,
     tokenizer_vocab_size,
 )
 from .data.augment import EpochAugmentation
+from .data.held import (
+    InputPreparer,
+    Tensors,
+    compact,
+    held_by_rank,
+    is_placeholder,
+    labels_on,
+)
 from .distributed import backend_for, resolve_device
 from .errors import DataError, RankFailures, StartupError
 from .faults import fault_from_env
@@ -33,7 +40,7 @@ from .metrics.tensorboard import TensorBoardWriter
 from .metrics.writer import RunWriter, clear_run
 from .models import BlockModel, build_model
 from .optim import scheduled_lr, set_lr
-from .runtime import Layout, build_engine, plan_layout, split_micro_batches
+from .runtime import CheckRows, Layout, build_engine, plan_layout, split_micro_batches
 from .runtime.checkpoint import (
     CheckpointError,
     check_resumable,
@@ -48,16 +55,15 @@ log = logging.getLogger("grape_dist")
 
 
 @dataclass
-class Tensors:
-    x: torch.Tensor  # float, normalised images; or int64 token windows
-    y: torch.Tensor  # labels; or the windows' next tokens
-
-
-@dataclass
 class CalibrationEvent:
     epoch: int
     step: int
     batch_size: int
+    # With `calibration.line_search`: the check rows' mean loss (eval mode) before and after the
+    # step, and the fraction of the exact step kept (runtime/engine.py, CalibrationResult).
+    loss_before: float | None = None
+    loss_after: float | None = None
+    scale: float = 1.0
 
 
 @dataclass
@@ -103,18 +109,16 @@ def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, str]:
     if cfg.data.name in TEXT_DATASETS:
         text = load_text_dataset(cfg.data.name, cfg.data.root, cfg.data.seq_len,
                                  cfg.data.tokenizer, cfg.data.vocab_size)
-        return (_subset(text.train_x, text.train_y, cfg.data.train_subset, cfg.seed,
-                        "data.train_subset", cfg.data.name),
-                _subset(text.test_x, text.test_y, cfg.data.test_subset, cfg.seed,
-                        "data.test_subset", cfg.data.name), text.source)
+        return (compact(_subset(text.train_x, text.train_y, cfg.data.train_subset, cfg.seed,
+                                "data.train_subset", cfg.data.name)),
+                compact(_subset(text.test_x, text.test_y, cfg.data.test_subset, cfg.seed,
+                                "data.test_subset", cfg.data.name)), text.source)
     ds = load_image_dataset(cfg.data.name, cfg.data.root)
-    splits = []
-    for split, n, key in ((ds.train, cfg.data.train_subset, "data.train_subset"),
-                          (ds.test, cfg.data.test_subset, "data.test_subset")):
-        # Before normalising: cheaper.
-        part = _subset(split.images, split.labels, n, cfg.seed, key, cfg.data.name)
-        splits.append(Tensors(normalize(part.x, ds.mean, ds.std), part.y))
-    return splits[0], splits[1], ds.source
+    # uint8 images: normalised per mini-batch on the device (data/held.py).
+    return (_subset(ds.train.images, ds.train.labels, cfg.data.train_subset, cfg.seed,
+                    "data.train_subset", cfg.data.name),
+            _subset(ds.test.images, ds.test.labels, cfg.data.test_subset, cfg.seed,
+                    "data.test_subset", cfg.data.name), ds.source)
 
 
 def threads_per_process(threads: int, local_world_size: int | None = None,
@@ -220,6 +224,17 @@ class NonFiniteError(Exception):
         self.epoch, self.step, self.where, self.checkpoint = epoch, step, where, checkpoint
 
 
+def _calibrated_note(event: CalibrationEvent | None) -> str:
+    """The epoch line's account of a calibration: how much of the step was kept."""
+    if event is None:
+        return ""
+    if event.loss_before is None:
+        return " | calibrated"
+    kept = "undone" if event.scale == 0 else f"{event.scale:g} of the step kept"
+    return (f" | calibrated ({kept}; loss on the check rows {event.loss_before:.4f} -> "
+            f"{event.loss_after:.4f})")
+
+
 class Trainer:
     """The training loop over this process's `PipelineEngine`: every stage in one process, or
     this rank's stages of a pp x dp mesh. Only rank 0 writes outputs and logs."""
@@ -260,10 +275,17 @@ class Trainer:
             t0 = time.perf_counter()
             self._inject_fault("start")
             # The data stays on the CPU; mini-batches move to the model's device when used.
-            self.train, self.test, source = load_tensors(cfg)
-            check_fits_data(cfg, len(self.train.y))
+            train, test, source = load_tensors(cfg)
+            check_fits_data(cfg, len(train.y))
             log.info("data %s: %d train / %d test from %s (%.1fs)", cfg.data.name,
-                     len(self.train.y), len(self.test.y), source, time.perf_counter() - t0)
+                     len(train.y), len(test.y), source, time.perf_counter() - t0)
+            # Only what this rank's stages read; the rest goes now, before the stages are built.
+            here = self.layout.stages_at(self.layout.position(self.rank))
+            inputs = 0 in here
+            labels = self.layout.num_stages - 1 in here or cfg.rule == "drtp"
+            self.train = held_by_rank(train, inputs, labels)
+            self.test = held_by_rank(test, inputs, labels)
+            del train, test
         except StartupError as exc:
             failure = exc
         # Before any other collective: a check that failed on one rank (a node without the
@@ -308,16 +330,14 @@ class Trainer:
         # Outputs per sample: tokens for a language model, whose loss and accuracy are per token.
         self.positions = model.signal_spec.positions
         self.language_model = cfg.data.name in TEXT_DATASETS
+        src = None if self.language_model else get_source(cfg.data.name)
+        self.inputs = InputPreparer(self.device, *((src.mean, src.std) if src else ()))
         probe = subset_indices(len(self.train.y), min(cfg.train.probe_batch_size,
                                                       len(self.train.y)), cfg.seed + 1)
-        self.probe = Tensors(self.train.x[probe], self.train.y[probe])
-        # data.augment: this epoch's draws, and the padding's value (black, normalised).
+        self.probe = Tensors(self.inputs(self.train.x[probe]),
+                             labels_on(self.train.y[probe], self.device))
+        # data.augment: this epoch's draws (the padding is black: uint8 zeros).
         self._augment: tuple[int, EpochAugmentation] | None = None
-        self._black = None
-        if cfg.data.augment:
-            src = get_source(cfg.data.name)
-            self._black = normalize(torch.zeros(len(src.mean), 1, 1, dtype=torch.uint8),
-                                    src.mean, src.std).flatten()
         self.stop_requested = False  # set by request_stop (signal handlers)
         # Called on every rank after each checkpoint (the Ray job reports them to Ray Train).
         self.checkpoint_hook: Callable[[Path], None] | None = None
@@ -327,7 +347,8 @@ class Trainer:
 
     def evaluate(self, data: Tensors) -> tuple[float, float]:
         """(mean loss, accuracy) per output: per sample, or per token for a language model."""
-        loss, correct = self.engine.evaluate(data.x, data.y, self.cfg.data.eval_batch_size)
+        loss, correct = self.engine.evaluate(data.x, data.y, self.cfg.data.eval_batch_size,
+                                             self.inputs)
         outputs = len(data.y) * self.positions
         return loss / outputs, correct / outputs
 
@@ -366,20 +387,40 @@ class Trainer:
         """The training split's rows `rows` on the device, as this epoch shows them: cropped
         and flipped with `data.augment` (keyed by seed, epoch and row: data/augment.py)."""
         x = self.train.x[rows]
-        if self.cfg.data.augment:
+        if self.cfg.data.augment and not is_placeholder(x):
             if self._augment is None or self._augment[0] != epoch:
                 self._augment = (epoch, EpochAugmentation(len(self.train.y), self.cfg.seed,
                                                           epoch))
-            x = self._augment[1].apply(x, rows, self._black)
-        return x.to(self.device), self.train.y[rows].to(self.device)
+            x = self._augment[1].apply(x, rows)
+        return self.inputs(x), labels_on(self.train.y[rows], self.device)
 
     def calibrate(self, epoch: int) -> None:
         """One exact BP step on one random mini-batch (Algorithm 1, step 4)."""
         bs = min(self.cfg.calibration.batch_size * self.dp, len(self.train.y))
         idx = random_batch_indices(len(self.train.y), bs, self.cfg.seed, epoch)
         rows, offset, total = self._replica_rows(idx)
-        self.engine.calibrate(*self._training_rows(rows, epoch), self.state.step, offset, total)
-        self.state.calibrations.append(CalibrationEvent(epoch, self.state.step, len(idx)))
+        c = self.cfg.calibration
+        check = self._check_rows(idx, epoch) if c.line_search and c.check_rows else None
+        result = self.engine.calibrate(*self._training_rows(rows, epoch), self.state.step,
+                                       offset, total, c.line_search, check)
+        self.state.calibrations.append(CalibrationEvent(epoch, self.state.step, len(idx),
+                                                        **result.to_json()))
+
+    def _check_rows(self, batch: torch.Tensor, epoch: int) -> CheckRows:
+        """This replica's share of the `calibration.check_rows` training rows a calibration is
+        judged on: drawn by (seed, epoch) apart from the calibration batch `batch`, as the
+        test set is seen (no augmentation)."""
+        n = len(self.train.y)
+        order = random_batch_indices(n, n, self.cfg.seed, epoch, stream="calibration check")
+        taken = torch.zeros(n, dtype=torch.bool)
+        taken[batch] = True
+        idx = order[~taken[order]][:self.cfg.calibration.check_rows]
+        if len(idx) == 0:  # the calibration batch is the whole split
+            idx = batch
+        rows, _, total = self._replica_rows(idx)
+        return CheckRows(self.inputs(self.train.x[rows]),
+                         labels_on(self.train.y[rows], self.device), total,
+                         self.cfg.data.eval_batch_size)
 
     def train_epoch(self, epoch: int) -> tuple[float, float, dict[str, float]]:
         """Train one epoch, or its rest when resumed mid-epoch (`state.progress`)."""
@@ -534,6 +575,11 @@ class Trainer:
                     align[name]["train_col_cos"] = v
             base = {"epoch": epoch, "step": self.state.step}
             trigger = {} if trigger_cos is None else {"trigger_grad_cos": trigger_cos}
+            checked = calibrated and state.calibrations[-1].loss_before is not None
+            if checked:
+                c = state.calibrations[-1]
+                trigger["calibration"] = {"loss_before": c.loss_before,
+                                          "loss_after": c.loss_after, "scale": c.scale}
             for row in ({**base, "split": "train", "loss": train_loss, "accuracy": train_acc,
                          **self._perplexity(train_loss)},
                         {**base, "split": "test", "loss": test_loss, "accuracy": test_acc,
@@ -549,7 +595,8 @@ class Trainer:
             log.info("epoch %d/%d step %d | train loss %.4f acc %.4f | test loss %.4f acc %.4f%s"
                      "%s | %.1fs", epoch, cfg.train.epochs, self.state.step, train_loss,
                      train_acc, test_loss, test_acc, f" | cos(B^T e, grad) {cos}" if cos else "",
-                     " | calibrated" if calibrated else "", time.perf_counter() - t_epoch)
+                     _calibrated_note(state.calibrations[-1] if calibrated else None),
+                     time.perf_counter() - t_epoch)
             state.metrics_rows += 2
             state.epoch_done = True
             self.save_checkpoint()
@@ -572,6 +619,10 @@ class Trainer:
             "stages": self.layout.num_stages,
             "wall_seconds": round(state.elapsed_s + time.perf_counter() - self._t0, 3),
             **self.engine.memory_report(),
+            # What this rank holds of the dataset (data/held.py): inputs on stage 0, labels on
+            # the last stage.
+            "dataset_bytes_per_rank": self.engine.transport.all_gather_object(
+                self.train.nbytes + self.test.nbytes),
         }
         self.writer.summary(summary)
         self.tb.close()

@@ -187,3 +187,21 @@ def test_a_resume_that_changes_the_lr_is_history_and_the_next_resume_keeps_it(tm
     manifest = json.loads((out / "checkpoints" / latest / "manifest.json").read_text())
     assert manifest["config"]["optim"]["lr"] == 0.005 and manifest["epoch"] == 3
     assert len((out / "resumes.jsonl").read_text().splitlines()) == 2  # train.epochs 2 -> 3
+
+
+def test_a_checkpoint_from_before_a_new_key_resumes_as_it_trained(tmp_path):
+    """`calibration.line_search` is newer than the checkpoint format: a manifest without it is read
+    as the code before it behaved (no line search), not refused and not silently changed to
+    the new default."""
+    out = tmp_path / "run"
+    assert run(1, *RUN, "train.epochs=1", "calibration.line_search=0", "--out",
+               str(out)).returncode == 0
+    latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
+    manifest = json.loads((latest / "manifest.json").read_text())
+    del manifest["config"]["calibration"]["line_search"]
+    (latest / "manifest.json").write_text(json.dumps(manifest))
+    r = run(1, "--resume", str(out), "train.epochs=2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["calibrated"] for row in rows if row["split"] == "test"] == [True, True]
+    assert not any("calibration" in row for row in rows)  # line search logs its decision

@@ -634,3 +634,29 @@ def test_a_named_data_folder_that_does_not_exist_is_refused(how, tmp_path, monke
     with pytest.raises(DatasetUnavailableError, match="no such folder"):
         load_text_dataset("shakespeare", kwargs.get("root"), 64, "char", 0)
 
+
+
+def test_a_rank_holds_compact_splits_and_placeholders_that_index_like_them():
+    """data/held.py: token windows as int32 still sharing one sequence, placeholders with the
+    split's rows and no bytes, and uint8 images normalised on use exactly as before."""
+    from grape_dist.data.held import InputPreparer, Tensors, compact, held_by_rank
+
+    ids = torch.arange(1000, 1097)
+    x, y = ids[:96].view(12, 8), ids[1:97].view(12, 8)
+    c = compact(Tensors(x, y))
+    assert c.x.dtype == c.y.dtype == torch.int32
+    assert torch.equal(c.x.long(), x) and torch.equal(c.y.long(), y)
+    assert c.nbytes == 97 * 4  # one int32 sequence, not two int64 copies (2 x 768 bytes)
+    rows = torch.tensor([5, 0, 11])
+    sub = compact(Tensors(x[rows], y[rows]))  # a subset: two copies
+    assert torch.equal(sub.y.long(), y[rows]) and sub.nbytes == 2 * 3 * 8 * 4
+    images = torch.randint(0, 256, (6, 3, 4, 4), dtype=torch.uint8)
+    labels = torch.arange(6)
+    none = held_by_rank(Tensors(images, labels), inputs=False, labels=False)
+    assert none.nbytes == 0 and len(none.x[rows[:2]]) == len(none.y[rows[:2]]) == 2
+    prep = InputPreparer(torch.device("cpu"), (0.5, 0.25, 0.125), (0.2, 0.3, 0.4))
+    want = (images.float() / 255 - torch.tensor([0.5, 0.25, 0.125]).view(3, 1, 1)) \
+        / torch.tensor([0.2, 0.3, 0.4]).view(3, 1, 1)
+    torch.testing.assert_close(prep(images), want)
+    assert prep(none.x[rows]).shape == (3, 0)  # a placeholder passes through
+    assert prep(c.x[:2]).dtype == torch.int64  # tokens widen for the embedding

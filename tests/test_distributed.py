@@ -73,6 +73,12 @@ def test_one_two_three_four_ranks_follow_one_trajectory(rule, extra, tmp_path):
     # The weights moved, so the comparison means something.
     assert runs[1][2]["final_test_accuracy"] > 0.25
     total = runs[1][2]["parameters_per_rank"][0]
+    # The data only where a stage reads it: uint8 MNIST inputs on stage 0, int64 labels on the
+    # last stage, nothing between.
+    inputs, labels = (640 + 256) * 784, (640 + 256) * 8
+    assert runs[1][2]["dataset_bytes_per_rank"] == [inputs + labels]
+    for n in (2, 3, 4):
+        assert runs[n][2]["dataset_bytes_per_rank"] == [inputs] + [0] * (n - 2) + [labels]
     for n in (2, 3, 4):
         assert_same_run(runs[1], runs[n])
         # Each rank holds its own blocks only: the parts add up to the whole model.
@@ -80,6 +86,23 @@ def test_one_two_three_four_ranks_follow_one_trajectory(rule, extra, tmp_path):
         assert len(per_rank) == n and sum(per_rank) == total and max(per_rank) < total
     if rule != "bp":
         assert runs[1][2]["calibration_steps"] == 2
+
+
+def test_line_searched_calibration_decides_the_same_on_every_layout(tmp_path):
+    """A calibration step 100 times the paper's: one is kept at a fraction, one is undone.
+    Every rank sees the batch loss summed at the last stage, so 3 ranks decide as 1 does."""
+    cal = ["rule=grape", "calibration.every_epochs=1", "calibration.max_update=0",
+           "calibration.optim.lr=1", "calibration.line_search=4"]
+    runs = {}
+    for n in (1, 3):
+        r = torchrun(n, tmp_path / str(n), *cal)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs[n] = load(tmp_path / str(n))
+    assert_same_run(runs[1], runs[3])
+    scales = [[row["calibration"]["scale"] for row in runs[n][1] if "calibration" in row]
+              for n in (1, 3)]
+    assert scales[0] == scales[1]
+    assert 0 in scales[0] and any(0 < s < 1 for s in scales[0]), scales[0]
 
 
 # SGD in the data-parallel comparisons: replicas sum their gradients in another order than one

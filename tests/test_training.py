@@ -102,13 +102,14 @@ def test_each_calibration_is_one_fresh_bp_step_on_its_batch(tmp_path):
         "train.progress=false", "model.hidden=[16]", "calibration.every_epochs=1",
         "calibration.batch_size=32", "calibration.optim.momentum=0.9",
         "calibration.optim.lr=0.5", "calibration.form=paper", "calibration.max_update=0",
+        "calibration.line_search=0",
     ])
     trainer = Trainer(cfg, None)
     trainer.train_epoch(1)
     for epoch in (1, 2):
         before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
         idx = random_batch_indices(len(trainer.train.y), 32, cfg.seed, epoch)
-        x, y = trainer.train.x[idx], trainer.train.y[idx]
+        x, y = trainer.inputs(trainer.train.x[idx]), trainer.train.y[idx]
         loss = torch.nn.functional.cross_entropy(trainer.model(x), y)
         grads = torch.autograd.grad(loss, list(trainer.model.parameters()))
         trainer.calibrate(epoch)

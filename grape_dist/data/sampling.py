@@ -59,10 +59,12 @@ def subset_indices(num_samples: int, n: int, seed: int) -> torch.Tensor:
     return torch.sort(chosen).values
 
 
-def random_batch_indices(num_samples: int, batch_size: int, seed: int, key: int) -> torch.Tensor:
-    """A random batch of ``batch_size`` distinct indices, fixed by (seed, key), e.g. key=step."""
+def random_batch_indices(num_samples: int, batch_size: int, seed: int, key: int,
+                         stream: str = "batch") -> torch.Tensor:
+    """A random batch of ``batch_size`` distinct indices, fixed by (seed, key), e.g. key=step;
+    another `stream` draws independently of the default one."""
     _check_count("num_samples", num_samples, 1)
     _check_count("batch_size", batch_size, 1)
     if batch_size > num_samples:
         raise ValueError(f"batch_size {batch_size} > num_samples {num_samples}")
-    return torch.randperm(num_samples, generator=_generator("batch", seed, key))[:batch_size]
+    return torch.randperm(num_samples, generator=_generator(stream, seed, key))[:batch_size]

@@ -9,7 +9,8 @@
 Tags: `train/loss`, `train/accuracy`, `train/perplexity`, `test/...` (from the evaluation rows),
 `step/loss`, `step/step_time_ms` (per step), `alignment/<block>/<metric>` (grad_cos, jac_cos,
 jhat_cos, train_col_cos), `calibration/calibrated` (0/1 per evaluation),
-`calibration/trigger_grad_cos`, `calibration/count`, `time/step_time_ms` (the mean over an
+`calibration/trigger_grad_cos`, `calibration/count`, `calibration/{loss_before,loss_after,scale}`
+(with `calibration.line_search`), `time/step_time_ms` (the mean over an
 epoch, with the evaluation row) and `epoch`. The x axis is always the global training step.
 View them with `tensorboard --logdir RUN_DIR/tensorboard`.
 """
@@ -78,7 +79,8 @@ class TensorBoardWriter:
     def evaluation(self, row: Mapping[str, Any], step_time_ms: float | None = None) -> None:
         """One metrics.jsonl row, unchanged: {"epoch", "step", "split", "loss", "accuracy",
         optional "perplexity", and on test rows "calibrated", "trigger_grad_cos",
-        "alignment": {block: {metric: value}}}. `step_time_ms`: the epoch's mean step time."""
+        "calibration": {loss_before, loss_after, scale}, "alignment": {block: {metric: value}}}.
+        `step_time_ms`: the epoch's mean step time."""
         if self._w is None:
             return
         step = int(row["step"])
@@ -90,6 +92,8 @@ class TensorBoardWriter:
         if "calibrated" in row:
             self.scalar("calibration/calibrated", 1.0 if row["calibrated"] else 0.0, step)
         self.scalar("calibration/trigger_grad_cos", row.get("trigger_grad_cos"), step)
+        for key, value in (row.get("calibration") or {}).items():
+            self.scalar(f"calibration/{key}", value, step)
         for block, metrics in (row.get("alignment") or {}).items():
             for metric, value in metrics.items():
                 self.scalar(f"alignment/{block}/{metric}", value, step)

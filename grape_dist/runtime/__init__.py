@@ -5,11 +5,11 @@ stages, torch.distributed transport); `build_engine` chooses.
 """
 
 from .build import build_engine
-from .engine import PipelineEngine
+from .engine import CheckRows, PipelineEngine
 from .final_state import load_final_state
 from .layout import Layout, LayoutError, plan_layout
 from .schedules import StepResult, split_micro_batches
 from .stage import Stage
 
-__all__ = ["Layout", "LayoutError", "PipelineEngine", "Stage", "StepResult", "build_engine",
-           "load_final_state", "plan_layout", "split_micro_batches"]
+__all__ = ["CheckRows", "Layout", "LayoutError", "PipelineEngine", "Stage", "StepResult",
+           "build_engine", "load_final_state", "plan_layout", "split_micro_batches"]

@@ -232,7 +232,22 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
             if got["sha256"] != want["sha256"]:
                 raise CheckpointError(f"checkpoint file {file} does not match its SHA-256 in "
                                       "the manifest (corrupted)")
+    _add_new_keys(manifest["config"])
     return manifest
+
+
+# Config keys added after checkpoints of this format were first written, with the value that
+# behaves as the code before them did: an older run resumes as it trained.
+ADDED_KEYS: dict[str, Any] = {"calibration.line_search": 0, "calibration.check_rows": 0}
+
+
+def _add_new_keys(config: dict[str, Any]) -> None:
+    for dotted, value in ADDED_KEYS.items():
+        *parents, key = dotted.split(".")
+        node = config
+        for name in parents:
+            node = node.setdefault(name, {})
+        node.setdefault(key, value)
 
 
 def load_checkpoint(path: str | Path, stages: list[Stage], rank: int) -> None:

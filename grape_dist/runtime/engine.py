@@ -7,6 +7,7 @@ or one stage of a pp x dp mesh is decided by `build.build_engine`, not here.
 from __future__ import annotations
 
 import resource
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,9 +18,39 @@ from ..rules import MicroBatch
 from .batch_norm import ReplicaStatistics, batch_norms
 from .final_state import save_stage_state
 from .layout import Layout
-from .schedules import Batch, Inference, Schedule, StepResult, split_micro_batches
+from .schedules import Batch, Inference, Prepare, Schedule, StepResult, split_micro_batches
 from .stage import Stage
 from .transport import Transport
+
+
+@dataclass
+class CheckRows:
+    """The rows a calibration step is judged on: this replica's share `x`, `y` of `total`,
+    forwarded `chunk` rows at a time."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    total: int
+    chunk: int = 1000
+
+
+@dataclass
+class CalibrationResult:
+    """A calibration step: its mini-batch's statistics and, when it was checked (`line_search`),
+    the mean loss in eval mode of the `rows` it was judged on, before and after it, and the
+    fraction of the exact step that was kept (1 = all of it, 0 = undone)."""
+
+    step: StepResult
+    rows: int
+    loss_before: float | None = None
+    loss_after: float | None = None
+    scale: float = 1.0
+
+    def to_json(self) -> dict:
+        if self.loss_before is None:
+            return {}
+        return {"loss_before": self.loss_before / self.rows,
+                "loss_after": self.loss_after / self.rows, "scale": self.scale}
 
 
 class PipelineEngine:
@@ -73,13 +104,57 @@ class PipelineEngine:
         return result
 
     def calibrate(self, x: torch.Tensor, y: torch.Tensor, step: int, offset: int = 0,
-                  total: int | None = None) -> StepResult:
-        """One exact BP step through every stage on one mini-batch (Algorithm 1, step 4)."""
+                  total: int | None = None, line_search: int = 0,
+                  check: CheckRows | None = None) -> CalibrationResult:
+        """One exact BP step through every stage on one mini-batch (Algorithm 1, step 4).
+
+        `line_search` = k > 0: the step d is tried at lengths 1, 1/2, ..., 1/2^k, and the one
+        with the lowest loss (eval mode, summed over replicas) on the rows `check` (default:
+        the mini-batch) is kept, or none when none of them lowers it. Every rank sees the same
+        losses, so every rank keeps the same length."""
         if self.calibration_schedule is None:
             raise RuntimeError("calibration is off for this run (calibration.every_epochs = 0)")
         stages = [(s.index, s.calibration) for s in self.stages]
-        return self._run(self.calibration_schedule, stages,
-                         self._batch(x, y, step, offset, total), step, "calibration")
+        batch = self._batch(x, y, step, offset, total)
+        if line_search <= 0:
+            result = self._run(self.calibration_schedule, stages, batch, step, "calibration")
+            return CalibrationResult(result, batch.total)
+        if check is None:
+            check = CheckRows(x, y, batch.total)
+        params = [p for s in self.stages for p in s.calibration.parameters()]
+        start = [p.detach().clone() for p in params]
+        # BatchNorm's running statistics move with the step's forward; an undone step puts
+        # them back too.
+        buffers = [b for s in self.stages for blk in s.blocks for b in blk.buffers()]
+        start_buffers = [b.clone() for b in buffers]
+        loss_before = self._loss_on(check)
+        result = self._run(self.calibration_schedule, stages, batch, step, "calibration")
+        moves = [p.detach() - w for p, w in zip(params, start)]
+        best_scale, best_loss = 0.0, loss_before
+        for scale in (0.5 ** j for j in range(line_search + 1)):
+            self._move(params, start, moves, scale)
+            loss = self._loss_on(check)
+            if loss < best_loss:
+                best_scale, best_loss = scale, loss
+        self._move(params, start, moves, best_scale)
+        if not best_scale:
+            with torch.no_grad():
+                for b, v in zip(buffers, start_buffers):
+                    b.copy_(v)
+        return CalibrationResult(result, check.total, loss_before, best_loss, best_scale)
+
+    @staticmethod
+    @torch.no_grad()
+    def _move(params: list[torch.Tensor], start: list[torch.Tensor],
+              moves: list[torch.Tensor], scale: float) -> None:
+        for p, w, d in zip(params, start, moves):
+            p.copy_(w + scale * d)
+
+    def _loss_on(self, rows: CheckRows) -> float:
+        """The summed loss of `rows` in eval mode (every replica's share, summed)."""
+        stages = [(s.index, s.rule) for s in self.stages]
+        starts = list(range(0, len(rows.y), rows.chunk))
+        return self.inference.run(stages, rows.x, rows.y, starts, rows.chunk)[0]
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -88,11 +163,13 @@ class PipelineEngine:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> tuple[float, int]:
-        """(summed loss, correct) over (x, y) on every rank; chunks shared out over replicas."""
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, batch_size: int,
+                 prepare: Prepare | None = None) -> tuple[float, int]:
+        """(summed loss, correct) over (x, y) on every rank; chunks shared out over replicas.
+        `prepare`: a chunk of `x` -> stage 0's input on the device (default: moved there)."""
         starts = list(range(0, len(y), batch_size))[self.replica::self.layout.dp]
         stages = [(s.index, s.rule) for s in self.stages]
-        return self.inference.run(stages, x, y, starts, batch_size)
+        return self.inference.run(stages, x, y, starts, batch_size, prepare)
 
     def alignment(self, x: torch.Tensor, y: torch.Tensor, seed: int,
                   max_outputs: int) -> dict[str, dict[str, float]]:

@@ -23,6 +23,7 @@ no queued message, no unconsumed packet, nothing stashed in a rule.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -34,6 +35,8 @@ from .signals import SignalCodec
 from .transport import Handle, InFlightError, Transport, message_key
 
 LocalStages = list[tuple[int, StageRule]]
+# Rows of a held split -> stage 0's input on the device (data/held.py: normalising uint8 images).
+Prepare = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -357,18 +360,20 @@ class Inference:
 
     @torch.no_grad()
     def run(self, stages: LocalStages, x: torch.Tensor, y: torch.Tensor,
-            starts: list[int], batch_size: int) -> tuple[float, int]:
+            starts: list[int], batch_size: int,
+            prepare: Prepare | None = None) -> tuple[float, int]:
         stats = torch.zeros(2, dtype=torch.float64, device=self.device)
+        prepare = prepare or (lambda rows: rows.to(self.device))
         for start in starts:
             key = message_key("infer", len(y[start:start + batch_size]))
             for s, rule in stages:
-                h = x[start:start + batch_size].to(self.device) if s == 0 else \
+                h = prepare(x[start:start + batch_size]) if s == 0 else \
                     self.transport.recv(s - 1, s, key)[0]
                 h = rule.infer(h)
                 if s != self.last:
                     self.transport.send([h], s, s + 1, key)
                 else:
-                    labels = y[start:start + batch_size].to(self.device)
+                    labels = y[start:start + batch_size].to(self.device).long()
                     loss, correct, _ = output_signal(h, labels, 1, None)
                     stats += torch.stack([loss.to(stats.dtype), correct.to(stats.dtype)])
         self.transport.flush()

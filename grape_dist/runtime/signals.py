@@ -61,7 +61,9 @@ class SignalCodec:
                 n = self._tangent_size(mb)
                 t = packet[pos:pos + n].view(*km, *self.spec.tangent_tail()).to(dtype)
                 pos += n
-            rows = labels[mb.start - offset:mb.start - offset + mb.size].reshape(-1)
+            # A rank without the labels holds a placeholder (data/held.py): no targets, which
+            # only DRTP reads, and it holds the labels.
+            rows = labels[mb.start - offset:mb.start - offset + mb.size].reshape(-1).long()
             signals.append(OutputSignal(e, one_hot(rows, c, dtype), t, mb.total))
         if pos != packet.numel():
             raise RuntimeError(f"signal packet of {packet.numel()} values, {pos} expected")
