@@ -25,11 +25,11 @@ run2() {  # run2 NAME CONFIG [key=value ...]: one run on 2 ranks of 1 thread eac
 
 resnet=(pipeline.micro_batches=8)
 run2 resnet20_grape_cal1 cifar10_resnet20_grape "${resnet[@]}" calibration.every_epochs=1
-run2 resnet20_bp_1f1b cifar10_resnet20_bp "${resnet[@]}" pipeline.schedule=1f1b \
+run2 resnet20_bp_1f1b cifar10_resnet20_bp "${resnet[@]}" pipeline.schedule=1f1b data.drop_last=true \
     optim.name=adam optim.lr=1e-3 optim.weight_decay=1e-4
 lm=(data.train_subset=4096 train.epochs=4 pipeline.micro_batches=4)
 run2 shakespeare_grape_cal1 shakespeare_transformer_grape "${lm[@]}" calibration.every_epochs=1
-run2 shakespeare_bp_1f1b shakespeare_transformer_bp "${lm[@]}" pipeline.schedule=1f1b
+run2 shakespeare_bp_1f1b shakespeare_transformer_bp "${lm[@]}" pipeline.schedule=1f1b data.drop_last=true
 
 "$py" - "$out" <<'PY'
 import sys

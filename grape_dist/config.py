@@ -120,6 +120,9 @@ class DataConfig:
     # flip, drawn per (seed, epoch, training row): cifar10, cifar100, tinyimagenet
     # (data/augment.py). Evaluation and the alignment probe see the images as they are.
     augment: bool = False
+    # Drop each epoch's last mini-batch when it is partial (every schedule; torch's pipeline
+    # schedules need it, they take equal micro-batches).
+    drop_last: bool = False
 
 
 @dataclass
@@ -587,6 +590,18 @@ def validate(cfg: Config) -> None:
         _check(cfg.rule in ("bp", "fa"), "pipeline.schedule",
                f"'{p.schedule}' is a backprop schedule (rules bp, fa); rule '{cfg.rule}' runs "
                "on the native schedule")
+        # Torch's schedules split a mini-batch into equal micro-batches of fixed shapes, and
+        # call the stages without the keyed dropout context (models/dropout.py): both would
+        # change results silently.
+        _check(d.drop_last, "data.drop_last",
+               f"pipeline.schedule={p.schedule} takes equal micro-batches, so an epoch's last "
+               "partial mini-batch cannot run: set data.drop_last=true (the native schedule "
+               "drops it too when it is set)")
+        _check(m.name not in ("alexnet", "vgg16") or m.dropout == 0, "model.dropout",
+               f"torch's pipeline schedules draw dropout masks from the global random stream, "
+               f"not keyed by sample as the native schedule does, so the trajectory would depend "
+               f"on the layout: set model.dropout=0 or pipeline.schedule=native "
+               f"(got {m.dropout})")
     _check(p.micro_batches >= 1, "pipeline.micro_batches", f"must be >= 1, got {p.micro_batches}")
     _check(
         p.micro_batches <= d.batch_size,

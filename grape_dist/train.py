@@ -11,7 +11,7 @@ r"""Train a model with BP, FA, DFA, DRTP, PEPITA or GrAPE.
         pipeline.dp=2 pipeline.micro_batches=4
     # the BP baseline on torch's zero-bubble V schedule (two stages per rank)
     torchrun --nproc_per_node=2 -m grape_dist.train --config configs/mnist_mlp_bp.yaml \
-        pipeline.schedule=zbv pipeline.micro_batches=4
+        pipeline.schedule=zbv pipeline.micro_batches=4 data.drop_last=true
 
 Data other than the embedded MNIST is read from `data.root` or $GRAPE_DATA_DIR (a folder in the
 Hugging Face hub's parquet layout), else from the hub when online.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -246,6 +247,11 @@ class Trainer:
         continue from; its manifest must describe this config and layout. `overwrite`: remove
         the run already in `out_dir` once this one has its data and stages."""
         self.cfg = cfg
+        # Every random draw the runtime makes is keyed (rng.py); the global streams are seeded
+        # too, so anything drawing from them (a direct model call's dropout, a user's hook)
+        # repeats from run to run.
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         threads = threads_per_process(cfg.train.threads)
@@ -425,9 +431,8 @@ class Trainer:
     def train_epoch(self, epoch: int) -> tuple[float, float, dict[str, float]]:
         """Train one epoch, or its rest when resumed mid-epoch (`state.progress`)."""
         cfg = self.cfg
-        # Torch's pipelining schedules need equal micro-batch shapes: drop a partial batch.
         batches = epoch_batches(len(self.train.y), cfg.data.batch_size * self.dp, cfg.seed, epoch,
-                                drop_last=cfg.pipeline.schedule != "native")
+                                drop_last=cfg.data.drop_last)
         prog = self.state.progress
         bar = Progress(len(batches) - prog.batches, f"epoch {epoch}/{cfg.train.epochs}",
                        cfg.train.progress and self.rank == 0,

@@ -111,6 +111,11 @@ CASES: dict[str, Case] = {
     "unknown optimiser": Case(["optim.name=lion"], "optim.name"),
     "unknown conv feedback": Case(["feedback.conv=pixel"], "feedback.conv"),
     "bp schedule for grape": Case(["pipeline.schedule=1f1b"], "pipeline.schedule"),
+    "torch schedule keeping partial batches": Case(["rule=bp", "pipeline.schedule=1f1b"],
+                                                   "data.drop_last"),
+    "torch schedule with unkeyed dropout": Case(
+        ["rule=bp", "model.name=alexnet", "data.name=cifar10", "pipeline.schedule=gpipe",
+         "data.drop_last=true"], "model.dropout"),
     "model does not fit data": Case(["model.name=transformer"], "model.name"),
     "more micro-batches than rows": Case(["data.batch_size=4", "pipeline.micro_batches=8"],
                                          "pipeline.micro_batches"),

@@ -190,15 +190,18 @@ def test_a_resume_that_changes_the_lr_is_history_and_the_next_resume_keeps_it(tm
 
 
 def test_a_checkpoint_from_before_a_new_key_resumes_as_it_trained(tmp_path):
-    """`calibration.line_search` is newer than the checkpoint format: a manifest without it is read
-    as the code before it behaved (no line search), not refused and not silently changed to
-    the new default."""
+    """`calibration.line_search`, `calibration.check_rows` and `data.drop_last` are newer than the
+    checkpoint format: a manifest without them is read as the code before them behaved (no
+    line search; a partial batch dropped only by torch's schedules), not refused and not
+    silently changed to the new defaults."""
     out = tmp_path / "run"
     assert run(1, *RUN, "train.epochs=1", "calibration.line_search=0", "--out",
                str(out)).returncode == 0
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     manifest = json.loads((latest / "manifest.json").read_text())
     del manifest["config"]["calibration"]["line_search"]
+    del manifest["config"]["calibration"]["check_rows"]
+    del manifest["config"]["data"]["drop_last"]  # the native schedule: False
     (latest / "manifest.json").write_text(json.dumps(manifest))
     r = run(1, "--resume", str(out), "train.epochs=2")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -23,11 +23,28 @@ BASE = ["data.train_subset=640", "data.test_subset=256", "model.hidden=[32,32,32
 
 pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun not installed")
 
+# Every test runs on CPU tensors over gloo, and again on CUDA tensors over nccl where two or
+# more GPUs are present (one rank per GPU: a test with more ranks than GPUs is skipped there).
+DEVICE = "cpu"
+
+
+@pytest.fixture(autouse=True, params=["cpu", "cuda"])
+def device(request):
+    global DEVICE
+    if request.param == "cuda" and torch.cuda.device_count() < 2:
+        pytest.skip("nccl runs need two or more GPUs")
+    DEVICE = request.param
+    yield request.param
+    DEVICE = "cpu"
+
 
 def torchrun(nproc: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    if DEVICE == "cuda" and nproc > torch.cuda.device_count():
+        pytest.skip(f"{nproc} ranks need {nproc} GPUs, {torch.cuda.device_count()} here")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", "--standalone", "-m",
-           "grape_dist.train", "--quiet", "--out", str(out), *BASE, *overrides]
+           "grape_dist.train", "--quiet", "--out", str(out), *BASE, f"train.device={DEVICE}",
+           *overrides]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
@@ -156,7 +173,7 @@ def test_explicit_uneven_stage_split(tmp_path):
     (3, ["model.hidden=[32]"], "pipeline.pp=3 stages but the model has only 2 blocks"),
     (2, ["pipeline.stage_blocks=[2,1]"], "must be positive block counts summing to the "
                                          "model's 4 blocks"),
-    (2, ["rule=bp", "pipeline.schedule=1f1b", "pipeline.micro_batches=1"],
+    (2, ["rule=bp", "pipeline.schedule=1f1b", "data.drop_last=true", "pipeline.micro_batches=1"],
      "pipeline.schedule=1f1b needs pipeline.micro_batches >= pp = 2"),
 ])
 def test_layout_errors_stop_every_rank_before_training(nproc, overrides, match, tmp_path):
@@ -179,7 +196,7 @@ def test_torch_pipelining_schedules_match_native_bp(tmp_path):
     for schedule, micro in (("gpipe", 2), ("1f1b", 2), ("zero_bubble", 2), ("zbv", 4),
                             ("dualpipev", 4)):
         out = tmp_path / schedule
-        r = torchrun(2, out, "rule=bp", f"pipeline.schedule={schedule}",
+        r = torchrun(2, out, "rule=bp", f"pipeline.schedule={schedule}", "data.drop_last=true",
                      f"pipeline.micro_batches={micro}")
         assert r.returncode == 0, (schedule, r.stderr[-3000:])
         run = load(out)
@@ -373,6 +390,6 @@ def test_torch_pipelining_on_the_language_model_matches_native_bp(tmp_path):
     args = ["rule=bp", *LM, *SGD, f"data.root={SHARED_DATA}", "pipeline.micro_batches=2"]
     r = torchrun(2, tmp_path / "native", *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, tmp_path / "1f1b", *args, "pipeline.schedule=1f1b")
+    r = torchrun(2, tmp_path / "1f1b", *args, "pipeline.schedule=1f1b", "data.drop_last=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(load(tmp_path / "native"), load(tmp_path / "1f1b"), atol=2e-6)

@@ -207,16 +207,17 @@ def test_no_alignment_for_rules_without_feedback():
     (1, ["pipeline.dp=2"], "WORLD_SIZE=1 is not a multiple of pipeline.dp=2"),
     (2, ["pipeline.stage_blocks=[2,1]", "model.hidden=[8,8,8]"],
      "must be positive block counts summing to the model's 4 blocks"),
-    (2, ["rule=bp", "pipeline.schedule=1f1b", "pipeline.micro_batches=1"],
+    (2, ["rule=bp", "pipeline.schedule=1f1b", "data.drop_last=true", "pipeline.micro_batches=1"],
      "pipeline.schedule=1f1b needs pipeline.micro_batches >= pp = 2"),
-    (2, ["rule=bp", "pipeline.schedule=dualpipev", "pipeline.micro_batches=2",
-      "model.hidden=[8,8,8]"],
+    (2, ["rule=bp", "pipeline.schedule=dualpipev", "data.drop_last=true",
+         "pipeline.micro_batches=2", "model.hidden=[8,8,8]"],
      "dualpipev needs pipeline.micro_batches >= 2 x pp = 4"),
-    (2, ["rule=bp", "pipeline.schedule=zbv", "model.hidden=[8,8]"],
+    (2, ["rule=bp", "pipeline.schedule=zbv", "data.drop_last=true", "model.hidden=[8,8]"],
      "zbv needs 2 x pp = 4 stages but the model has only 3 blocks"),
-    (2, ["rule=bp", "pipeline.schedule=gpipe", "pipeline.micro_batches=3"],
+    (2, ["rule=bp", "pipeline.schedule=gpipe", "data.drop_last=true", "pipeline.micro_batches=3"],
      "data.batch_size=128 is not divisible by pipeline.micro_batches=3"),
-    (1, ["rule=bp", "pipeline.schedule=gpipe"], "on one process use pipeline.schedule=native"),
+    (1, ["rule=bp", "pipeline.schedule=gpipe", "data.drop_last=true"],
+     "on one process use pipeline.schedule=native"),
 ])
 def test_layout_errors_name_the_keys(world, overrides, match):
     from grape_dist.trainer import build_model_for

@@ -178,3 +178,34 @@ def test_a_subset_larger_than_the_split_takes_all_of_it_and_says_so(caplog):
     assert lines == ["data.train_subset=1000000 is larger than the 60000 samples of mnist's "
                      "split: using all 60000"]
 
+
+
+def test_drop_last_drops_the_partial_batch_on_the_native_schedule_too():
+    """data.drop_last applies to every schedule (torch's need it): 100 rows in batches of 32
+    are 4 steps an epoch, or 3 with drop_last."""
+    steps = {}
+    for drop in (False, True):
+        cfg = load_config(None, ["rule=dfa", "data.train_subset=100", "data.test_subset=32",
+                                 "data.batch_size=32", "model.hidden=[8]", "train.epochs=1",
+                                 "train.progress=false", f"data.drop_last={str(drop).lower()}"])
+        trainer = Trainer(cfg, None)
+        trainer.train_epoch(1)
+        steps[drop] = trainer.state.step
+    assert steps == {False: 4, True: 3}
+
+
+def test_the_global_random_streams_are_seeded_by_the_config():
+    """Anything drawing from torch's or Python's global stream (a direct call's dropout, a
+    hook) repeats from run to run: the trainer seeds both from `seed`."""
+    import random
+
+    draws = []
+    for seed in (3, 3, 4):
+        cfg = load_config(None, [f"seed={seed}", "rule=dfa", "data.train_subset=128",
+                                 "data.test_subset=32", "model.hidden=[8]",
+                                 "train.progress=false"])
+        torch.manual_seed(12345 + len(draws))
+        random.seed(12345 + len(draws))
+        Trainer(cfg, None)
+        draws.append((float(torch.rand(1)), random.random()))
+    assert draws[0] == draws[1] != draws[2]

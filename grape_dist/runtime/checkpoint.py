@@ -236,9 +236,15 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
     return manifest
 
 
-# Config keys added after checkpoints of this format were first written, with the value that
-# behaves as the code before them did: an older run resumes as it trained.
-ADDED_KEYS: dict[str, Any] = {"calibration.line_search": 0, "calibration.check_rows": 0}
+# Config keys added after checkpoints of this format were first written, with the value (or
+# a function of the saved config giving it) that behaves as the code before them did: an older
+# run resumes as it trained.
+ADDED_KEYS: dict[str, Any] = {
+    "calibration.line_search": 0,
+    "calibration.check_rows": 0,
+    # Torch's schedules always dropped a partial last mini-batch, the native one never did.
+    "data.drop_last": lambda c: c.get("pipeline", {}).get("schedule", "native") != "native",
+}
 
 
 def _add_new_keys(config: dict[str, Any]) -> None:
@@ -247,7 +253,8 @@ def _add_new_keys(config: dict[str, Any]) -> None:
         node = config
         for name in parents:
             node = node.setdefault(name, {})
-        node.setdefault(key, value)
+        if key not in node:
+            node[key] = value(config) if callable(value) else value
 
 
 def load_checkpoint(path: str | Path, stages: list[Stage], rank: int) -> None:
