@@ -216,8 +216,10 @@ class PipelineConfig:
     # Data-parallel replicas of every stage; the global batch is dp x data.batch_size.
     dp: int = 1
     micro_batches: int = 1
-    # Contiguous split balanced by parameter count or by measured forward time (rank 0's).
-    balance: Literal["params", "time"] = "params"
+    # Contiguous split balanced by what each stage holds (weights, their optimiser state,
+    # feedback matrices and theirs: `memory`), by parameter count alone, or by measured forward
+    # time (rank 0's).
+    balance: Literal["memory", "params", "time"] = "memory"
     # Explicit blocks per stage (e.g. [2, 1]); overrides `balance`.
     stage_blocks: list[int] = field(default_factory=list)
     # BP only: `native` (this runtime, all forwards then all backwards), or

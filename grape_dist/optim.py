@@ -25,6 +25,14 @@ def build_optimizer(params: Iterable[torch.Tensor], cfg: OptimConfig) -> torch.o
     raise ValueError(f"unknown optimizer {cfg.name!r}; allowed: sgd, adam, adamw")
 
 
+def state_per_parameter(cfg: OptimConfig) -> int:
+    """Numbers of optimiser state an optimiser keeps per parameter: Adam's two moments, SGD's
+    momentum buffer (none without momentum)."""
+    if cfg.name in ("adam", "adamw"):
+        return 2
+    return 1 if cfg.momentum else 0
+
+
 def scheduled_lr(cfg: OptimConfig, epoch: int, epochs: int) -> float:
     """Learning rate for 1-based `epoch` of `epochs` under `cfg.schedule`."""
     if cfg.schedule == "cosine":

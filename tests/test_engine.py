@@ -296,3 +296,46 @@ def test_balance_by_time_measures_token_models_and_leaves_batch_norm_alone():
     after = resnet.state_dict()
     assert any("running_mean" in k for k in before)
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _state_numbers(opt) -> int:
+    """Numbers an optimiser keeps (moments, momentum buffers; not its step counters)."""
+    if opt is None:
+        return 0
+    return sum(v.numel() for st in opt.state.values() for v in st.values()
+               if torch.is_tensor(v) and v.dim() > 0)
+
+
+@pytest.mark.parametrize("rule,extra", [
+    ("grape", ["optim.name=adam", "calibration.every_epochs=1"]),  # B and its SGD momentum
+    ("dfa", ["optim.name=sgd", "optim.momentum=0.9", "feedback.conv=channel"]),
+    ("bp", ["optim.name=sgd", "optim.momentum=0"]),
+])
+def test_memory_balance_counts_what_each_stage_really_holds(rule, extra):
+    """pipeline.balance=memory's costs per block (read from the meta model and the config)
+    against what a stage of one block holds after a training step and a calibration: its
+    weights, its optimisers' state, its feedback matrices and their optimiser's state."""
+    from grape_dist.runtime.partition import held_costs
+
+    cfg = load_config(None, [f"rule={rule}", *extra])
+    model = tiny_cnn()
+    want = held_costs(cfg, copy.deepcopy(model))
+    n = len(model.blocks)
+    engine = build_engine(cfg, model, Layout.in_process(n), CPU, [(i, i + 1) for i in range(n)])
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, *engine.model.input_shape, generator=g)
+    y = torch.randint(0, 3, (8,), generator=g)
+    engine.train_step(x, y, 0)
+    if engine.calibration_schedule is not None:
+        engine.calibrate(x, y, 0)
+    for stage in engine.stages:
+        rule_ = stage.rule
+        held = sum(p.numel() for p in rule_.parameters()) + _state_numbers(rule_.optimizer)
+        held += sum(b.numel() for b in rule_.feedback_matrices().values())
+        learner = getattr(rule_, "learner", None)
+        held += _state_numbers(learner.optimizer if learner is not None else None)
+        if stage.calibration is not None:
+            held += _state_numbers(stage.calibration.optimizer)
+        assert held == want[stage.index], (stage.index, held, want[stage.index])
+    if rule != "bp":
+        assert any(rule_.feedback_matrices() for rule_ in (s.rule for s in engine.stages))

@@ -12,7 +12,7 @@ from ..models import BlockModel
 from ..rules import build_calibration_rule, build_stage_rule
 from .engine import PipelineEngine
 from .layout import Layout
-from .partition import measured_costs, partition
+from .partition import held_costs, measured_costs, partition
 from .schedules import (
     ForwardThenBroadcast,
     Schedule,
@@ -102,4 +102,6 @@ def _stage_bounds(cfg: Config, model: BlockModel, layout: Layout, transport: Tra
         # Measurements differ from rank to rank: everyone takes rank 0's.
         mine = measured_costs(model, cfg.seed, device) if rank == 0 else None
         costs = transport.all_gather_object(mine)[0]
+    elif p.balance == "memory":
+        costs = held_costs(cfg, model)
     return partition(model, layout.num_stages, p.stage_blocks, costs)

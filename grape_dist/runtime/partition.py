@@ -8,7 +8,9 @@ import time
 
 import torch
 
+from ..config import CALIBRATED_RULES, Config
 from ..models import BlockModel
+from ..optim import state_per_parameter
 from .layout import LayoutError, check_stage_blocks
 
 
@@ -52,6 +54,26 @@ def explicit_bounds(sizes: list[int], num_blocks: int, stages: int) -> list[tupl
 def parameter_costs(model: BlockModel) -> list[float]:
     """Parameters per block, read from the (meta) model: no block needs to be materialised."""
     return [float(sum(p.numel() for p in b.parameters())) or 1.0 for b in model.blocks]
+
+
+def held_costs(cfg: Config, model: BlockModel) -> list[float]:
+    """Numbers a stage holds for each block, read from the (meta) model and the config: its
+    weights with their optimiser state (and the calibration optimiser's), the feedback
+    matrices of its points with theirs (GrAPE's B optimiser), PEPITA's input projection."""
+    per_weight = 1 + state_per_parameter(cfg.optim)
+    c = cfg.calibration
+    if cfg.rule in CALIBRATED_RULES and c.every_epochs > 0 and c.form == "paper":
+        per_weight += state_per_parameter(c.optim)
+    costs = [float(per_weight * n) for n in parameter_costs(model)]
+    if cfg.rule in ("dfa", "drtp", "grape"):
+        per_b = 1 + (state_per_parameter(cfg.grape.b_optim) if cfg.rule == "grape" else 0)
+        per_channel = cfg.feedback.conv == "channel"
+        for pt in model.feedback_points(layer=cfg.feedback.points == "layer"):
+            costs[pt.block] += per_b * model.signal_spec.signal_width * \
+                model.feedback_width(pt, per_channel)
+    if cfg.rule == "pepita":
+        costs[0] += math.prod(model.input_shape) * model.num_classes
+    return costs
 
 
 def measured_costs(model: BlockModel, seed: int, device: torch.device | str = "cpu",
