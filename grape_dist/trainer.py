@@ -277,7 +277,11 @@ class Trainer:
                 if self.out_dir is not None:
                     check_metrics_rows(self.out_dir, manifest["trainer"]["metrics_rows"])
                 self.state = TrainState.from_json(manifest["trainer"])
-                bounds = [tuple(b) for b in manifest["stage_bounds"]]
+                # The same layout keeps its split; another one is split afresh (the state is
+                # keyed by global block index: runtime/checkpoint.py).
+                if (manifest["pp"], manifest["dp"], len(manifest["stage_bounds"])) == \
+                        (self.layout.pp, self.layout.dp, self.layout.num_stages):
+                    bounds = [tuple(b) for b in manifest["stage_bounds"]]
             t0 = time.perf_counter()
             self._inject_fault("start")
             # The data stays on the CPU; mini-batches move to the model's device when used.

@@ -11,7 +11,7 @@ import stat
 import time
 
 import pytest
-from training_runs import RUN, TORCHRUN, assert_same_results, launch, run
+from training_runs import RUN, TORCHRUN, assert_close_results, assert_same_results, launch, run
 
 
 @pytest.fixture(scope="module", params=[1, 2], ids=["1rank", "2ranks"])
@@ -48,6 +48,43 @@ def test_resume_from_a_checkpoint_ends_like_the_uninterrupted_run(uninterrupted,
         acc.Reload()
         return sorted(e.step for e in acc.Scalars("step/loss"))
     assert loss_steps(cut) == loss_steps(full)
+
+
+def test_resume_on_another_layout_continues_the_same_trajectory(uninterrupted, tmp_path):
+    """A checkpoint written by 2 ranks (pp=2) resumes on one process, and one written by one
+    process resumes on 4 ranks (pp=2 x dp=2, the per-replica batches halved so the global ones
+    stay): metrics and final state are the uninterrupted run's (up to the summation order of
+    other replicas and stages)."""
+    nproc, full = uninterrupted
+    if nproc == 1 and not TORCHRUN.exists():
+        pytest.skip("torchrun not installed")
+    at = "step_000000010"  # mid-epoch 1
+    cut = tmp_path / "cut"
+    shutil.copytree(full, cut)
+    (cut / "checkpoints" / "latest").write_text(at + "\n")
+    (cut / "summary.json").unlink()
+    if nproc == 2:
+        r = run(1, "--resume", str(cut), "--quiet", "pipeline.pp=1")
+    else:
+        r = run(4, "--resume", str(cut), "--quiet", "pipeline.pp=2", "pipeline.dp=2",
+                "data.batch_size=64", "calibration.batch_size=64")
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["world_size"] == (1 if nproc == 2 else 4)
+    assert_close_results(full, cut)
+    # The layout change is history: config.yaml stays, resumes.jsonl says what changed.
+    changes = json.loads((cut / "resumes.jsonl").read_text().splitlines()[-1])["changed"]
+    assert "pipeline.pp" in changes or "pipeline.dp" in changes, changes
+
+
+def test_resume_refuses_another_global_batch(tmp_path):
+    out = tmp_path / "run"
+    assert run(1, *RUN, "train.epochs=1", "--out", str(out)).returncode == 0
+    r = run(1, "--resume", str(out), "train.epochs=2", "data.batch_size=64")
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "global data.batch_size is dp=1 x 128 = 128, this run's pipeline.dp=1 x 64 = 64" \
+        in r.stderr, r.stderr[-2000:]
+    assert "set data.batch_size=128" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_sigint_checkpoints_then_resume_ends_like_the_uninterrupted_run(tmp_path):

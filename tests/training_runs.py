@@ -52,3 +52,25 @@ def assert_same_results(a: Path, b: Path) -> None:
         assert set(fa[part]) == set(fb[part])
         for k in fa[part]:
             assert torch.equal(fa[part][k], fb[part][k]), (part, k)
+
+
+def assert_close_results(a: Path, b: Path) -> None:
+    """The same trajectory on another layout: every metrics row (alignment included) and the
+    final weights and B equal up to summation order."""
+    import pytest
+
+    ra, rb = ([json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+              for d in (a, b))
+    assert len(ra) == len(rb)
+    for x, y in zip(ra, rb):
+        assert (x["epoch"], x["split"], x["step"]) == (y["epoch"], y["split"], y["step"])
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["accuracy"] == pytest.approx(x["accuracy"], abs=1e-9)
+        for block, metrics in x.get("alignment", {}).items():
+            for k, v in metrics.items():
+                assert y["alignment"][block][k] == pytest.approx(v, rel=1e-4, abs=1e-6)
+    fa, fb = load_final_state(a), load_final_state(b)
+    for part in ("model", "feedback"):
+        assert set(fa[part]) == set(fb[part])
+        for k in fa[part]:
+            torch.testing.assert_close(fb[part][k], fa[part][k], rtol=1e-5, atol=1e-6)

@@ -299,7 +299,12 @@ def load_checkpoint(path: str | Path, stages: list[Stage], rank: int) -> None:
 # learning rates change it from there on: how a diverged run is continued).
 RESUME_MAY_CHANGE = ("train.epochs", "train.progress", "train.threads", "train.device",
                      "train.checkpoint", "train.checkpoint_every_steps", "train.keep_checkpoints",
-                     "data.root", "pipeline.timeout_s", "optim.lr", "grape.b_optim.lr")
+                     "data.root", "pipeline.timeout_s", "optim.lr", "grape.b_optim.lr",
+                     # Another layout: any split and micro-batching follow one trajectory; the
+                     # global batches (dp x the per-replica sizes) are checked apart.
+                     "pipeline.pp", "pipeline.dp", "pipeline.stage_blocks", "pipeline.balance",
+                     "pipeline.micro_batches", "pipeline.max_sends_in_flight",
+                     "data.batch_size", "calibration.batch_size")
 
 
 def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -319,19 +324,24 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list
 
 
 def check_resumable(manifest: dict[str, Any], cfg: Any, world_size: int, layout: Any) -> None:
-    """Refuse to resume a checkpoint into another world size, layout or config (apart from
-    RESUME_MAY_CHANGE); the message names what differs."""
+    """Refuse to resume a checkpoint into another config (apart from RESUME_MAY_CHANGE) or
+    global batch; the message names what differs. Another world size, pp and dp are fine: the
+    state is keyed by global block index and every rank loads its own blocks' part (a
+    trajectory does not depend on the layout), provided each global mini-batch, dp x the
+    per-replica size, stays the same."""
     from ..config import to_dict
 
-    if manifest["world_size"] != world_size:
-        n = manifest["world_size"]
-        raise CheckpointError(f"the checkpoint was written by {n} rank{'s' * (n != 1)}, this run "
-                              f"has {world_size}: resume with the same world size ("
-                              + ("one process, no torchrun)" if n == 1 else
-                                 f"torchrun --nproc_per_node={n} or as many ranks over nodes)"))
-    if (manifest["pp"], manifest["dp"]) != (layout.pp, layout.dp):
-        raise CheckpointError(f"the checkpoint's mesh is pp={manifest['pp']} x "
-                              f"dp={manifest['dp']}, this run's pp={layout.pp} x dp={layout.dp}")
+    saved = manifest["config"]
+    for section, key in (("data", "batch_size"), ("calibration", "batch_size")):
+        before = manifest["dp"] * saved[section][key]
+        now = layout.dp * getattr(getattr(cfg, section), key)
+        if before != now:
+            hint = (f"set {section}.{key}={before // layout.dp}" if before % layout.dp == 0
+                    else f"choose a pipeline.dp dividing {before}")
+            raise CheckpointError(
+                f"the checkpoint's global {section}.{key} is dp={manifest['dp']} x "
+                f"{saved[section][key]} = {before}, this run's pipeline.dp={layout.dp} x "
+                f"{getattr(getattr(cfg, section), key)} = {now}: {hint}")
     diff = config_changes(manifest["config"], to_dict(cfg))
     changed = [k for k in diff if k not in RESUME_MAY_CHANGE]
     if changed:
