@@ -137,6 +137,18 @@ class StageRule:
     def parameters(self) -> list[torch.nn.Parameter]:
         return [p for b in self.blocks for p in b.parameters()]
 
+    # -- what a checkpoint holds (runtime/checkpoint.py) ---------------------------------------
+
+    def state_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        """The trained tensors this stage owns, under keys global to the whole model (block
+        index, feedback point index), so that any layout finds them: `blocks.<i>.<name>`."""
+        return [(f"blocks.{self.first + b}.{k}", p) for b, block in enumerate(self.blocks)
+                for k, p in block.named_parameters()]
+
+    def state_optimizers(self) -> list[torch.optim.Optimizer]:
+        """The optimisers whose state a checkpoint keeps (over `state_parameters`)."""
+        return [self.optimizer]
+
     def forward(self, mb: MicroBatch, x: torch.Tensor, tangents: torch.Tensor | None):
         """Run this stage's blocks on a micro-batch; returns (output, tangents)."""
         raise NotImplementedError

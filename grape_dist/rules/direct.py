@@ -101,6 +101,18 @@ class DirectFeedbackRule(StageRule):
     def feedback_matrices(self) -> dict[int, torch.Tensor]:
         return {i: b.detach() for i, b in self.B.items()}
 
+    def state_parameters(self) -> list[tuple[str, torch.Tensor]]:
+        # GrAPE's B are trained (with their optimiser); DFA's and DRTP's fixed B are saved as
+        # feedback matrices only.
+        learned = [] if self.learner is None else \
+            [(f"feedback.{i}", b) for i, b in sorted(self.learner.B.items())]
+        return super().state_parameters() + learned
+
+    def state_optimizers(self) -> list[torch.optim.Optimizer]:
+        extra = [] if self.learner is None or self.learner.optimizer is None else \
+            [self.learner.optimizer]
+        return super().state_optimizers() + extra
+
     def feedback_points(self) -> list[FeedbackPoint]:
         return list(self.points)
 

@@ -73,21 +73,12 @@ def _barrier() -> None:
 # -- what a stage holds --------------------------------------------------------------------
 
 
-def _named_parameters(stage: Stage) -> list[tuple[str, nn.Parameter]]:
-    named = [(f"blocks.{stage.first + b}.{k}", p) for b, block in enumerate(stage.blocks)
-             for k, p in block.named_parameters()]
-    learner = getattr(stage.rule, "learner", None)
-    if learner is not None:
-        named += [(f"feedback.{i}", b) for i, b in sorted(learner.B.items())]
-    return named
+def _named_parameters(stage: Stage) -> list[tuple[str, torch.Tensor]]:
+    return stage.rule.state_parameters()
 
 
 def _optimizers(stage: Stage) -> list[torch.optim.Optimizer]:
-    opts = [stage.rule.optimizer]
-    learner = getattr(stage.rule, "learner", None)
-    if learner is not None and learner.optimizer is not None:
-        opts.append(learner.optimizer)
-    return opts
+    return stage.rule.state_optimizers()
 
 
 def stage_tensors(stage: Stage) -> dict[str, torch.Tensor]:
