@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 import pipeline as bench  # noqa: E402
 
-from grape_dist.runtime import build_engine, plan_layout  # noqa: E402
+from grape_dist.build import build_engine  # noqa: E402
+from grape_dist.runtime import plan_layout  # noqa: E402
 
 CASES = [  # preset, batch, micro, stage_blocks (None: the runtime's parameter split), extra
     ("mlp", 64, 4, None, {"blocks": 3, "width": 64}),

@@ -266,8 +266,9 @@ def act_elements(args, model: BlockModel) -> int:
 def worker(args) -> None:
     import torch.distributed as dist
 
+    from grape_dist.build import build_engine
     from grape_dist.distributed import backend_for, resolve_device
-    from grape_dist.runtime import build_engine, plan_layout
+    from grape_dist.runtime import plan_layout
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)

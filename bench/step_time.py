@@ -30,11 +30,12 @@ from pathlib import Path
 import torch
 from timing import merge_overrides, record, shipped_form, sync, write_records
 
+from grape_dist.build import build_engine
 from grape_dist.config import load_config
 from grape_dist.models import build_model
 from grape_dist.models.transformer import build_transformer
 from grape_dist.rules import MicroBatch, build_stage_rule, output_signal
-from grape_dist.runtime import Layout, build_engine
+from grape_dist.runtime import Layout
 
 MODELS = {
     "mlp": (["model.name=mlp", "model.hidden=[1024, 1024]"], (1, 28, 28)),

@@ -56,10 +56,11 @@ sys.path.insert(0, str(ROOT))
 
 from timing import median_ms, sync  # noqa: E402
 
+from grape_dist.build import build_engine  # noqa: E402
 from grape_dist.config import load_config  # noqa: E402
 from grape_dist.models.transformer import build_transformer  # noqa: E402
 from grape_dist.rules.tangents import block_forward  # noqa: E402
-from grape_dist.runtime import Layout, build_engine  # noqa: E402
+from grape_dist.runtime import Layout  # noqa: E402
 
 # The paper's Table 5 (ms per batch, one A100): sequential BP and its layer-parallel prototype.
 PAPER = {2: (9.1, 3.0), 4: (17.5, 6.2), 8: (35.8, 12.1)}

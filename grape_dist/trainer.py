@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .build import build_engine
 from .config import TEXT_DATASETS, Config, to_dict
 from .data import (
     epoch_batches,
@@ -36,12 +37,13 @@ from .data.held import (
 from .distributed import backend_for, resolve_device
 from .errors import DataError, RankFailures, StartupError
 from .faults import fault_from_env
+from .metrics.alignment import probe_alignment
 from .metrics.progress import Progress
 from .metrics.tensorboard import TensorBoardWriter
 from .metrics.writer import RunWriter, clear_run
 from .models import BlockModel, build_model
 from .optim import scheduled_lr, set_lr
-from .runtime import CheckRows, Layout, build_engine, plan_layout, split_micro_batches
+from .runtime import CheckRows, Layout, plan_layout, split_micro_batches
 from .runtime.checkpoint import (
     CheckpointError,
     check_resumable,
@@ -385,7 +387,7 @@ class Trainer:
         if c.trigger == "every":
             return True, None
         # Collective: every stage measures its blocks; rank 0 decides for everyone.
-        align = self.engine.alignment(self.probe.x, self.probe.y, self.cfg.seed,
+        align = probe_alignment(self.engine, self.probe.x, self.probe.y, self.cfg.seed,
                                       max_outputs=0)
         cos = [v["grad_cos"] for v in align.values()]
         mean = sum(cos) / len(cos) if cos else 1.0
@@ -575,7 +577,7 @@ class Trainer:
             state.last_test_loss, state.last_test_accuracy = test_loss, test_acc
             state.best_test_accuracy = max(state.best_test_accuracy, test_acc)
             state.best_test_loss = min(state.best_test_loss, test_loss)
-            align = self.engine.alignment(self.probe.x, self.probe.y, cfg.seed,
+            align = probe_alignment(self.engine, self.probe.x, self.probe.y, cfg.seed,
                                           cfg.train.jacobian_metric_max_outputs)
             stats = self.engine.merge_stats(stats)
             for k, v in stats.items():

@@ -13,7 +13,9 @@ from helpers import freeze_batch_statistics
 from torch import nn
 from torch.func import jvp
 
+from grape_dist.build import build_engine
 from grape_dist.config import load_config
+from grape_dist.metrics.alignment import probe_alignment
 from grape_dist.models import (
     Block,
     BlockModel,
@@ -24,7 +26,7 @@ from grape_dist.models import (
 )
 from grape_dist.models.dropout import assign_dropout_keys, current_rows
 from grape_dist.rules.tangents import block_forward
-from grape_dist.runtime import Layout, build_engine
+from grape_dist.runtime import Layout
 from grape_dist.trainer import build_model_for
 
 TINY = {"alexnet": (build_alexnet, 1 / 16), "vgg16": (build_vgg16, 1 / 16)}
@@ -227,10 +229,10 @@ def test_one_step_of_each_rule_trains_each_model(name, rule):
     assert {k.split(".")[1] for k in moved} == {str(i) for i in range(len(m.blocks))}
     if rule != "bp":
         engine.calibrate(x, y, 1)
-        align = engine.alignment(x, y, seed=0, max_outputs=10)
+        align = probe_alignment(engine, x, y, seed=0, max_outputs=10)
         assert set(align) == {b.name for b in list(m.blocks)[:-1]}
         # The probe's dropout masks are fixed: measuring twice gives the same numbers.
-        assert engine.alignment(x, y, seed=0, max_outputs=10) == align
+        assert probe_alignment(engine, x, y, seed=0, max_outputs=10) == align
     loss, correct = engine.evaluate(x, y, 4)
     assert loss > 0 and 0 <= correct <= 8
 

@@ -11,11 +11,13 @@ import torch
 import torch.nn.functional as F
 from helpers import tiny_cnn, tiny_mlp
 
+from grape_dist.build import build_engine
 from grape_dist.config import load_config
+from grape_dist.metrics.alignment import probe_alignment
 from grape_dist.rng import keyed_generator
 from grape_dist.rules.feedback import frobenius_cosine, jacobian_estimate
 from grape_dist.rules.tangents import block_forward
-from grape_dist.runtime import Layout, LayoutError, build_engine, plan_layout
+from grape_dist.runtime import Layout, LayoutError, plan_layout
 from grape_dist.runtime.transport import InFlightError, MessageMismatch
 
 CPU = torch.device("cpu")
@@ -183,20 +185,20 @@ def test_alignment_probe_matches_a_full_model_backward(stages, conv, float64):
     engine = _engine("grape", stages, 1, (f"feedback.conv={conv}",), model=tiny_cnn().double())
     x, y = torch.randn(6, 2, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
     engine.train_step(x, y, 0)  # B moves away from its initial value
-    got = engine.alignment(x, y, seed=3, max_outputs=10)
+    got = probe_alignment(engine, x, y, seed=3, max_outputs=10)
     fb = {i: b for s in engine.stages for i, b in s.rule.feedback_matrices().items()}
     ref = _reference_alignment(engine.model, fb, x, y, seed=3)
     assert set(got) == set(ref) == {"conv1", "conv2"}
     for name in ref:
         for k, v in ref[name].items():
             assert got[name][k] == pytest.approx(v, rel=1e-9, abs=1e-12), (name, k)
-    capped = engine.alignment(x, y, seed=3, max_outputs=2)
+    capped = probe_alignment(engine, x, y, seed=3, max_outputs=2)
     assert "jac_cos" not in capped["conv1"]
     assert capped["conv1"]["grad_cos"] == pytest.approx(got["conv1"]["grad_cos"])
 
 
 def test_no_alignment_for_rules_without_feedback():
-    assert _engine("bp", 2, 1).alignment(torch.randn(2, 2, 8, 8), torch.tensor([0, 1]),
+    assert probe_alignment(_engine("bp", 2, 1), torch.randn(2, 2, 8, 8), torch.tensor([0, 1]),
                                          0, 10) == {}
 
 

@@ -20,11 +20,12 @@ from helpers import freeze_batch_statistics
 from torch.func import jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from grape_dist.build import build_engine
 from grape_dist.config import load_config
 from grape_dist.models import build_model
 from grape_dist.models.transformer import build_transformer
 from grape_dist.rules.tangents import block_forward
-from grape_dist.runtime import Layout, build_engine
+from grape_dist.runtime import Layout
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]

@@ -11,10 +11,12 @@ from helpers import freeze_batch_statistics
 from torch import nn
 from torch.func import jvp
 
+from grape_dist.build import build_engine
 from grape_dist.config import load_config
+from grape_dist.metrics.alignment import probe_alignment
 from grape_dist.models import build_resnet
 from grape_dist.rules.tangents import block_forward
-from grape_dist.runtime import Layout, build_engine
+from grape_dist.runtime import Layout
 
 
 def resnet(depth=8, classes=5):
@@ -85,7 +87,7 @@ def test_evaluation_uses_running_statistics_and_the_probe_changes_nothing():
         ref = nn.functional.cross_entropy(m(x), y, reduction="sum")
     m.train()
     assert loss == pytest.approx(float(ref), rel=1e-5)
-    align = engine.alignment(x, y, seed=1, max_outputs=10)
+    align = probe_alignment(engine, x, y, seed=1, max_outputs=10)
     assert set(align) == {b.name for b in list(m.blocks)[:-1]}
     for k, v in m.state_dict().items():
         torch.testing.assert_close(v, before[k], msg=k)  # running statistics included

@@ -14,9 +14,10 @@ from helpers import tiny_mlp
 from training_runs import TORCHRUN, run
 
 from grape_dist import report, trace
+from grape_dist.build import build_engine
 from grape_dist.config import load_config
 from grape_dist.errors import UsageError
-from grape_dist.runtime import Layout, build_engine
+from grape_dist.runtime import Layout
 from grape_dist.train import parse_args, trace_folder
 
 CPU = torch.device("cpu")

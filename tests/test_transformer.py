@@ -9,12 +9,14 @@ import torch
 from torch.func import jacrev, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from grape_dist.build import build_engine
 from grape_dist.config import load_config
+from grape_dist.metrics.alignment import probe_alignment
 from grape_dist.models.transformer import build_transformer
 from grape_dist.rules import MicroBatch, build_stage_rule, output_signal
 from grape_dist.rules.feedback import jacobian_estimate
 from grape_dist.rules.tangents import block_forward
-from grape_dist.runtime import Layout, build_engine
+from grape_dist.runtime import Layout
 
 VOCAB, CONTEXT, D = 11, 6, 8
 
@@ -139,7 +141,7 @@ def test_alignment_probe_on_the_language_model_matches_a_full_backward():
                               [(0, 2), (2, 4), (4, 6)])
         x, y = tokens(5), tokens(5, seed=1)
         engine.train_step(x, y, 0)
-        got = engine.alignment(x, y, seed=3, max_outputs=1000)
+        got = probe_alignment(engine, x, y, seed=3, max_outputs=1000)
         fb = {i: b for s in engine.stages for i, b in s.rule.feedback_matrices().items()}
         blocks = list(m.blocks)
         hs, h = [], x

@@ -180,8 +180,10 @@ def test_in_process_messages_check_their_keys():
 def _engine_worker(rank: int, rule: str) -> None:
     from helpers import tiny_cnn
 
+    from grape_dist.build import build_engine
     from grape_dist.config import load_config
-    from grape_dist.runtime import build_engine, plan_layout
+    from grape_dist.metrics.alignment import probe_alignment
+    from grape_dist.runtime import plan_layout
 
     calibrate = ["calibration.every_epochs=1"] if rule != "bp" else []
     cfg = load_config(None, [f"rule={rule}", "optim.lr=0.01", "pipeline.micro_batches=3",
@@ -201,7 +203,7 @@ def _engine_worker(rank: int, rule: str) -> None:
             engine.calibrate(*data(12), step)
         engine.evaluate(*data(10), batch_size=4)  # chunks of 4, 4, 2 rows
         if rule != "bp":
-            engine.alignment(*data(6), seed=1, max_outputs=3)
+            probe_alignment(engine, *data(6), seed=1, max_outputs=3)
         return dict(engine.transport.counters())
 
     first, second = epoch(0), epoch(10)

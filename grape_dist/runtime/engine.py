@@ -171,12 +171,6 @@ class PipelineEngine:
         stages = [(s.index, s.rule) for s in self.stages]
         return self.inference.run(stages, x, y, starts, batch_size, prepare)
 
-    def alignment(self, x: torch.Tensor, y: torch.Tensor, seed: int,
-                  max_outputs: int) -> dict[str, dict[str, float]]:
-        """Per-block alignment metrics on a probe batch, computed where the blocks live."""
-        from ..metrics.alignment import probe_alignment
-        return probe_alignment(self, x, y, seed, max_outputs)
-
     def merge_stats(self, stats: dict) -> dict:
         """Every rank's entries (per-step statistics, per-block metrics), on every rank."""
         out: dict = {}

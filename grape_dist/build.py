@@ -1,5 +1,7 @@
-"""One place that decides the runtime: the transport, the stage split, which blocks this rank
-materialises, the rules (built complete) and the schedules."""
+"""One place that assembles the engine: the transport (in process, or torch.distributed's from
+`distributed/`), the stage split, which blocks this rank materialises, the rules (built
+complete) and the schedules. It sits above `runtime/` and `distributed/`, which never import it
+(tests/test_layers.py)."""
 
 from __future__ import annotations
 
@@ -7,21 +9,21 @@ import logging
 
 import torch
 
-from ..config import CALIBRATED_RULES, Config
-from ..models import BlockModel
-from ..rules import build_calibration_rule, build_stage_rule
-from .engine import PipelineEngine
-from .layout import Layout
-from .partition import held_costs, measured_costs, partition
-from .schedules import (
+from .config import CALIBRATED_RULES, Config
+from .models import BlockModel
+from .rules import build_calibration_rule, build_stage_rule
+from .runtime.engine import PipelineEngine
+from .runtime.layout import Layout
+from .runtime.partition import held_costs, measured_costs, partition
+from .runtime.schedules import (
     ForwardThenBroadcast,
     Schedule,
     SequentialBackward,
     StreamingSignals,
     TwoForwardPasses,
 )
-from .stage import Stage
-from .transport import InProcessTransport, Transport
+from .runtime.stage import Stage
+from .runtime.transport import InProcessTransport, Transport
 
 log = logging.getLogger("grape_dist")
 
@@ -38,8 +40,8 @@ def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.d
     else:
         import torch.distributed as dist
 
-        from ..distributed.mesh import Mesh
-        from ..distributed.transport import DistributedTransport
+        from .distributed.mesh import Mesh
+        from .distributed.transport import DistributedTransport
 
         rank = dist.get_rank()
         mesh = Mesh.create(layout)
@@ -64,7 +66,7 @@ def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.d
                  [b - a for a, b in bounds])
     args = (transport, layout.num_stages, model.signal_spec, device)
     if cfg.pipeline.schedule != "native":
-        from ..distributed.torch_schedules import TorchPipelineSchedule
+        from .distributed.torch_schedules import TorchPipelineSchedule
         train: Schedule = TorchPipelineSchedule(
             cfg.pipeline.schedule, model, stages, layout.num_stages, mesh, transport,
             cfg.pipeline.micro_batches, cfg.data.batch_size, device)
@@ -78,7 +80,7 @@ def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.d
 def _in_process_transport(cfg: Config, layout: Layout, device: torch.device) -> Transport:
     """Every stage here: in memory, with one CUDA stream per stage if asked and possible."""
     if cfg.pipeline.stage_streams and device.type == "cuda" and layout.num_stages > 1:
-        from .streams import StreamTransport
+        from .runtime.streams import StreamTransport
         return StreamTransport(layout.num_stages, device)
     if cfg.pipeline.stage_streams:
         log.info("pipeline.stage_streams: nothing to overlap on %s with %d stage(s); the "
