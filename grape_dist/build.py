@@ -9,11 +9,13 @@ import logging
 
 import torch
 
-from .config import CALIBRATED_RULES, Config
-from .models import BlockModel
+from .config import CALIBRATED_RULES, TEXT_DATASETS, Config
+from .data import get_source, tokenizer_vocab_size
+from .distributed import backend_for
+from .models import BlockModel, build_model
 from .rules import build_calibration_rule, build_stage_rule
 from .runtime.engine import PipelineEngine
-from .runtime.layout import Layout
+from .runtime.layout import Layout, plan_layout
 from .runtime.partition import held_costs, measured_costs, partition
 from .runtime.schedules import (
     ForwardThenBroadcast,
@@ -26,6 +28,25 @@ from .runtime.stage import Stage
 from .runtime.transport import InProcessTransport, Transport
 
 log = logging.getLogger("grape_dist")
+
+
+def build_model_for(cfg: Config) -> BlockModel:
+    """The configured model on the meta device (its structure, no weights): sized from the
+    dataset's registry entry, so it is known before any data is loaded or group joined."""
+    if cfg.data.name in TEXT_DATASETS:
+        # The tokeniser's vocabulary, from the config alone (the word vocabulary's size is
+        # data.vocab_size whatever words the corpus turns out to have).
+        vocab = tokenizer_vocab_size(cfg.data.tokenizer, cfg.data.vocab_size)
+        return build_model(cfg.model, (cfg.data.seq_len,), vocab)
+    src = get_source(cfg.data.name)
+    return build_model(cfg.model, src.input_shape, src.num_classes)
+
+
+def plan_run(cfg: Config, world_size: int, device: torch.device) -> Layout:
+    """The checked layout of a run of `world_size` ranks on `device`, before any process group
+    is joined: the one call that torchrun's entry point, the Ray job's driver and workers and
+    the trainer make (block counts from the model's own builder)."""
+    return plan_layout(cfg, len(build_model_for(cfg).blocks), world_size, backend_for(device))
 
 
 def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.device,

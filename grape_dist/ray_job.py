@@ -55,10 +55,9 @@ def _worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from .build import plan_run
     from .config import load_config_dict
-    from .distributed import backend_for
-    from .runtime import plan_layout
-    from .trainer import Trainer, build_model_for
+    from .trainer import Trainer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -69,7 +68,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
     logging.getLogger("grape_dist").setLevel(level)
     cfg = load_config_dict(loop_config["config"])
     device = ray.train.torch.get_device()
-    layout = plan_layout(cfg, len(build_model_for(cfg).blocks), world, backend_for(device))
+    layout = plan_run(cfg, world, device)
     out = Path(loop_config["out"]) if loop_config["out"] else None
     restored = ray.train.get_checkpoint()
     if restored is None:
@@ -118,12 +117,9 @@ def main(argv: list[str] | None = None) -> int:
             lock.acquire()
         import torch
 
-        from .distributed import backend_for
-        from .runtime import plan_layout
-        from .trainer import build_model_for
+        from .build import plan_run
 
-        plan_layout(cfg, len(build_model_for(cfg).blocks), args.num_workers,
-                    backend_for(torch.device("cuda" if args.use_gpu else "cpu")))
+        plan_run(cfg, args.num_workers, torch.device("cuda" if args.use_gpu else "cpu"))
     except StartupError as exc:
         print(f"{exc.prefix}: {exc}", file=sys.stderr)
         return 2

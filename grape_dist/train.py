@@ -167,15 +167,12 @@ def main(argv: list[str] | None = None) -> int:
             cfg = load_config_dict(manifest["config"], args.overrides)
         else:
             cfg = load_config(args.config, args.overrides)
-        from .distributed import backend_for, resolve_device
-        from .runtime import plan_layout
-        from .trainer import build_model_for
+        from .build import plan_run
+        from .distributed import resolve_device
 
         device = resolve_device(cfg.train.device)
-        # The layout is checked here, by every rank alike, before any joins the group. Block
-        # counts come from the model's own builder.
-        layout = plan_layout(cfg, len(build_model_for(cfg).blocks), world_size,
-                             backend_for(device))
+        # The layout is checked here, by every rank alike, before any joins the group.
+        layout = plan_run(cfg, world_size, device)
         if manifest is not None:
             # Another world size or config is refused before the group; the trainer verifies
             # the files' checksums once the group is up.

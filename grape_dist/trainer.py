@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .build import build_engine
+from .build import build_engine, build_model_for, plan_run
 from .config import TEXT_DATASETS, Config, to_dict
 from .data import (
     epoch_batches,
@@ -23,7 +23,6 @@ from .data import (
     load_text_dataset,
     random_batch_indices,
     subset_indices,
-    tokenizer_vocab_size,
 )
 from .data.augment import EpochAugmentation
 from .data.held import (
@@ -34,16 +33,15 @@ from .data.held import (
     is_placeholder,
     labels_on,
 )
-from .distributed import backend_for, resolve_device
+from .distributed import resolve_device
 from .errors import DataError, RankFailures, StartupError
 from .faults import fault_from_env
 from .metrics.alignment import probe_alignment
 from .metrics.progress import Progress
 from .metrics.tensorboard import TensorBoardWriter
 from .metrics.writer import RunWriter, clear_run
-from .models import BlockModel, build_model
 from .optim import scheduled_lr, set_lr
-from .runtime import CheckRows, Layout, plan_layout, split_micro_batches
+from .runtime import CheckRows, Layout, split_micro_batches
 from .runtime.checkpoint import (
     CheckpointError,
     check_resumable,
@@ -195,18 +193,6 @@ def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, key: str = "",
     return Tensors(x[idx], y[idx])
 
 
-def build_model_for(cfg: Config) -> BlockModel:
-    """The configured model on the meta device (its structure, no weights): sized from the
-    dataset's registry entry, so it is known before any data is loaded or group joined."""
-    if cfg.data.name in TEXT_DATASETS:
-        # The tokeniser's vocabulary, from the config alone (the word vocabulary's size is
-        # data.vocab_size whatever words the corpus turns out to have).
-        vocab = tokenizer_vocab_size(cfg.data.tokenizer, cfg.data.vocab_size)
-        return build_model(cfg.model, (cfg.data.seq_len,), vocab)
-    src = get_source(cfg.data.name)
-    return build_model(cfg.model, src.input_shape, src.num_classes)
-
-
 class TrainingInterrupted(Exception):
     """The run was asked to stop (SIGINT/SIGTERM) and wrote a checkpoint after its last
     step."""
@@ -262,8 +248,7 @@ class Trainer:
         self.device = device if device is not None else resolve_device(cfg.train.device)
         model = build_model_for(cfg)
         # The entry point validates the layout before joining the group; direct callers here.
-        self.layout = layout or plan_layout(cfg, len(model.blocks), self.world_size,
-                                            backend_for(self.device))
+        self.layout = layout or plan_run(cfg, self.world_size, self.device)
         self.out_path = Path(out_dir) if out_dir is not None else None
         self.out_dir = self.out_path if self.rank == 0 else None
         self.state = TrainState()

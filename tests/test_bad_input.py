@@ -167,9 +167,12 @@ CASES: dict[str, Case] = {
                                                env={"GRAPE_DATA_DIR": "/no/such/data"}),
     "--resume a finished run": Case(["--resume", "{tmp}/out"], "finished its 1 epochs",
                                     setup=finished_run, config=False),
-    "--resume on another world size": Case(["--resume", "{tmp}/out"], "world size",
-                                           env={"RANK": "0", "WORLD_SIZE": "2"},
-                                           setup=finished_run, config=False),
+    # Another world size may resume (the same global batches): 2 ranks as dp=2 need half the
+    # per-replica batch.
+    "--resume on 2 replicas, same per-replica batch": Case(
+        ["--resume", "{tmp}/out", "train.epochs=2", "pipeline.pp=1", "pipeline.dp=2"],
+        "set data.batch_size=64", env={"RANK": "0", "WORLD_SIZE": "2"}, setup=finished_run,
+        config=False),
 }
 
 
