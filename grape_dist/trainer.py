@@ -18,21 +18,12 @@ from .build import build_engine, build_model_for, plan_run
 from .config import TEXT_DATASETS, Config, to_dict
 from .data import (
     epoch_batches,
-    get_source,
-    load_image_dataset,
-    load_text_dataset,
     random_batch_indices,
-    subset_indices,
 )
-from .data.augment import EpochAugmentation
 from .data.held import (
-    InputPreparer,
     Tensors,
-    compact,
-    held_by_rank,
-    is_placeholder,
-    labels_on,
 )
+from .data.rank_data import RankData, load_tensors
 from .distributed import resolve_device
 from .errors import DataError, RankFailures, StartupError
 from .faults import fault_from_env
@@ -106,22 +97,6 @@ class TrainState:
         return cls(**data)
 
 
-def load_tensors(cfg: Config) -> tuple[Tensors, Tensors, str]:
-    if cfg.data.name in TEXT_DATASETS:
-        text = load_text_dataset(cfg.data.name, cfg.data.root, cfg.data.seq_len,
-                                 cfg.data.tokenizer, cfg.data.vocab_size)
-        return (compact(_subset(text.train_x, text.train_y, cfg.data.train_subset, cfg.seed,
-                                "data.train_subset", cfg.data.name)),
-                compact(_subset(text.test_x, text.test_y, cfg.data.test_subset, cfg.seed,
-                                "data.test_subset", cfg.data.name)), text.source)
-    ds = load_image_dataset(cfg.data.name, cfg.data.root)
-    # uint8 images: normalised per mini-batch on the device (data/held.py).
-    return (_subset(ds.train.images, ds.train.labels, cfg.data.train_subset, cfg.seed,
-                    "data.train_subset", cfg.data.name),
-            _subset(ds.test.images, ds.test.labels, cfg.data.test_subset, cfg.seed,
-                    "data.test_subset", cfg.data.name), ds.source)
-
-
 def threads_per_process(threads: int, local_world_size: int | None = None,
                         cpus: int | None = None) -> int:
     """`train.threads` for this process: as configured, unless the processes on this node
@@ -178,19 +153,6 @@ def agree_to_start(failure: StartupError | None) -> None:
             failures.setdefault(tuple(entry), []).append(rank)
     if failures:
         raise RankFailures(failures, len(found))
-
-
-def _subset(x: torch.Tensor, y: torch.Tensor, n: int, seed: int, key: str = "",
-            dataset: str = "") -> Tensors:
-    """A fixed random subset of n samples (0 = all). More than the split holds takes all of
-    it, and rank 0 says so in one line (naming `key`) instead of clamping silently."""
-    if not n:
-        return Tensors(x, y)
-    if n > len(y) and (not dist.is_initialized() or dist.get_rank() == 0):
-        log.warning("%s=%d is larger than the %d samples of %s's split: using all %d",
-                    key, n, len(y), dataset, len(y))
-    idx = subset_indices(len(y), n, seed)
-    return Tensors(x[idx], y[idx])
 
 
 class TrainingInterrupted(Exception):
@@ -278,10 +240,10 @@ class Trainer:
                      len(train.y), len(test.y), source, time.perf_counter() - t0)
             # Only what this rank's stages read; the rest goes now, before the stages are built.
             here = self.layout.stages_at(self.layout.position(self.rank))
-            inputs = 0 in here
-            labels = self.layout.num_stages - 1 in here or cfg.rule == "drtp"
-            self.train = held_by_rank(train, inputs, labels)
-            self.test = held_by_rank(test, inputs, labels)
+            self.data = RankData(cfg, train, test, inputs=0 in here,
+                                 labels=self.layout.num_stages - 1 in here or cfg.rule == "drtp",
+                                 device=self.device)
+            self.train, self.test = self.data.train, self.data.test
             del train, test
         except StartupError as exc:
             failure = exc
@@ -327,14 +289,7 @@ class Trainer:
         # Outputs per sample: tokens for a language model, whose loss and accuracy are per token.
         self.positions = model.signal_spec.positions
         self.language_model = cfg.data.name in TEXT_DATASETS
-        src = None if self.language_model else get_source(cfg.data.name)
-        self.inputs = InputPreparer(self.device, *((src.mean, src.std) if src else ()))
-        probe = subset_indices(len(self.train.y), min(cfg.train.probe_batch_size,
-                                                      len(self.train.y)), cfg.seed + 1)
-        self.probe = Tensors(self.inputs(self.train.x[probe]),
-                             labels_on(self.train.y[probe], self.device))
-        # data.augment: this epoch's draws (the padding is black: uint8 zeros).
-        self._augment: tuple[int, EpochAugmentation] | None = None
+        self.inputs, self.probe = self.data.inputs, self.data.probe
         self.stop_requested = False  # set by request_stop (signal handlers)
         # Called on every rank after each checkpoint (the Ray job reports them to Ray Train).
         self.checkpoint_hook: Callable[[Path], None] | None = None
@@ -381,15 +336,7 @@ class Trainer:
 
     def _training_rows(self, rows: torch.Tensor, epoch: int
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The training split's rows `rows` on the device, as this epoch shows them: cropped
-        and flipped with `data.augment` (keyed by seed, epoch and row: data/augment.py)."""
-        x = self.train.x[rows]
-        if self.cfg.data.augment and not is_placeholder(x):
-            if self._augment is None or self._augment[0] != epoch:
-                self._augment = (epoch, EpochAugmentation(len(self.train.y), self.cfg.seed,
-                                                          epoch))
-            x = self._augment[1].apply(x, rows)
-        return self.inputs(x), labels_on(self.train.y[rows], self.device)
+        return self.data.training_rows(rows, epoch)
 
     def calibrate(self, epoch: int) -> None:
         """One exact BP step on one random mini-batch (Algorithm 1, step 4)."""
@@ -404,20 +351,10 @@ class Trainer:
                                                         **result.to_json()))
 
     def _check_rows(self, batch: torch.Tensor, epoch: int) -> CheckRows:
-        """This replica's share of the `calibration.check_rows` training rows a calibration is
-        judged on: drawn by (seed, epoch) apart from the calibration batch `batch`, as the
-        test set is seen (no augmentation)."""
-        n = len(self.train.y)
-        order = random_batch_indices(n, n, self.cfg.seed, epoch, stream="calibration check")
-        taken = torch.zeros(n, dtype=torch.bool)
-        taken[batch] = True
-        idx = order[~taken[order]][:self.cfg.calibration.check_rows]
-        if len(idx) == 0:  # the calibration batch is the whole split
-            idx = batch
+        """This replica's share of the rows a calibration is judged on (RankData)."""
+        idx = self.data.check_indices(batch, epoch, self.cfg.calibration.check_rows)
         rows, _, total = self._replica_rows(idx)
-        return CheckRows(self.inputs(self.train.x[rows]),
-                         labels_on(self.train.y[rows], self.device), total,
-                         self.cfg.data.eval_batch_size)
+        return CheckRows(*self.data.plain_rows(rows), total, self.cfg.data.eval_batch_size)
 
     def train_epoch(self, epoch: int) -> tuple[float, float, dict[str, float]]:
         """Train one epoch, or its rest when resumed mid-epoch (`state.progress`)."""
@@ -618,7 +555,7 @@ class Trainer:
             # What this rank holds of the dataset (data/held.py): inputs on stage 0, labels on
             # the last stage.
             "dataset_bytes_per_rank": self.engine.transport.all_gather_object(
-                self.train.nbytes + self.test.nbytes),
+                self.data.nbytes),
         }
         self.writer.summary(summary)
         self.tb.close()
