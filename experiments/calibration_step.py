@@ -132,7 +132,7 @@ def main() -> None:
     w_norm = block_norms(trainer, base[0])
     # One more training step of the direct rule, undone: the size of its update.
     batch = torch.arange(cfg.data.batch_size)
-    trainer.engine.train_step(*trainer._training_rows(batch, args.epochs), trainer.state.step)
+    trainer.engine.train_step(*trainer.data.training_rows(batch, args.epochs), trainer.state.step)
     d_train = block_norms(trainer, base[0], snapshot(trainer)[0])
     restore(trainer, base)
     print(f"\ntraining loss on {len(idx)} training rows (eval mode) before calibrating: "

@@ -42,11 +42,14 @@ def build_model_for(cfg: Config) -> BlockModel:
     return build_model(cfg.model, src.input_shape, src.num_classes)
 
 
-def plan_run(cfg: Config, world_size: int, device: torch.device) -> Layout:
+def plan_run(cfg: Config, world_size: int, device: torch.device,
+             model: BlockModel | None = None) -> Layout:
     """The checked layout of a run of `world_size` ranks on `device`, before any process group
     is joined: the one call that torchrun's entry point, the Ray job's driver and workers and
-    the trainer make (block counts from the model's own builder)."""
-    return plan_layout(cfg, len(build_model_for(cfg).blocks), world_size, backend_for(device))
+    the trainer make. Block counts come from `model` (the meta model already built, if any) or
+    the model's own builder."""
+    model = model if model is not None else build_model_for(cfg)
+    return plan_layout(cfg, len(model.blocks), world_size, backend_for(device))
 
 
 def build_engine(cfg: Config, model: BlockModel, layout: Layout, device: torch.device,

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             # the files' checksums once the group is up.
             from .runtime.checkpoint import check_resumable
 
-            check_resumable(manifest, cfg, world_size, layout)
+            check_resumable(manifest, cfg, layout)
             check_not_finished(manifest, cfg.train.epochs, Path(args.resume))
         # Rank 0 writes the run: a second run into this folder is refused here, the lock held
         # until this process exits.

@@ -20,9 +20,7 @@ from .data import (
     epoch_batches,
     random_batch_indices,
 )
-from .data.held import (
-    Tensors,
-)
+from .data.held import Tensors
 from .data.rank_data import RankData, load_tensors
 from .distributed import resolve_device
 from .errors import DataError, RankFailures, StartupError
@@ -210,7 +208,7 @@ class Trainer:
         self.device = device if device is not None else resolve_device(cfg.train.device)
         model = build_model_for(cfg)
         # The entry point validates the layout before joining the group; direct callers here.
-        self.layout = layout or plan_run(cfg, self.world_size, self.device)
+        self.layout = layout or plan_run(cfg, self.world_size, self.device, model)
         self.out_path = Path(out_dir) if out_dir is not None else None
         self.out_dir = self.out_path if self.rank == 0 else None
         self.state = TrainState()
@@ -222,7 +220,7 @@ class Trainer:
         try:
             if resume is not None:
                 manifest = read_manifest(resume, verify=self.rank == 0)
-                check_resumable(manifest, cfg, self.world_size, self.layout)
+                check_resumable(manifest, cfg, self.layout)
                 if self.out_dir is not None:
                     check_metrics_rows(self.out_dir, manifest["trainer"]["metrics_rows"])
                 self.state = TrainState.from_json(manifest["trainer"])
@@ -334,10 +332,6 @@ class Trainer:
         decision = (mean < c.threshold, mean) if self.rank == 0 else None
         return self.engine.transport.all_gather_object(decision)[0]
 
-    def _training_rows(self, rows: torch.Tensor, epoch: int
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.data.training_rows(rows, epoch)
-
     def calibrate(self, epoch: int) -> None:
         """One exact BP step on one random mini-batch (Algorithm 1, step 4)."""
         bs = min(self.cfg.calibration.batch_size * self.dp, len(self.train.y))
@@ -345,7 +339,7 @@ class Trainer:
         rows, offset, total = self._replica_rows(idx)
         c = self.cfg.calibration
         check = self._check_rows(idx, epoch) if c.line_search and c.check_rows else None
-        result = self.engine.calibrate(*self._training_rows(rows, epoch), self.state.step,
+        result = self.engine.calibrate(*self.data.training_rows(rows, epoch), self.state.step,
                                        offset, total, c.line_search, check)
         self.state.calibrations.append(CalibrationEvent(epoch, self.state.step, len(idx),
                                                         **result.to_json()))
@@ -368,7 +362,7 @@ class Trainer:
         for idx in batches[prog.batches:]:
             rows, offset, total = self._replica_rows(idx)
             t_step = time.perf_counter()
-            r = self.engine.train_step(*self._training_rows(rows, epoch), self.state.step,
+            r = self.engine.train_step(*self.data.training_rows(rows, epoch), self.state.step,
                                        offset, total)
             self.state.step += 1
             self.tb.step(self.state.step, loss=r.loss_sum / max(r.samples * self.positions, 1),

@@ -85,7 +85,7 @@ def test_trainer_trains_on_augmented_images_padded_with_black(tmp_path):
                              "data.augment=true", "train.progress=false"])
     trainer = Trainer(cfg, None)
     rows = torch.tensor([3, 40, 7, 19])
-    x, y = trainer._training_rows(rows, epoch=2)
+    x, y = trainer.data.training_rows(rows, epoch=2)
     src = get_source("cifar100")
     black = -torch.tensor(src.mean) / torch.tensor(src.std)
     aug = EpochAugmentation(48, cfg.seed, 2)

@@ -314,7 +314,7 @@ def config_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, list
     return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)}
 
 
-def check_resumable(manifest: dict[str, Any], cfg: Any, world_size: int, layout: Any) -> None:
+def check_resumable(manifest: dict[str, Any], cfg: Any, layout: Any) -> None:
     """Refuse to resume a checkpoint into another config (apart from RESUME_MAY_CHANGE) or
     global batch; the message names what differs. Another world size, pp and dp are fine: the
     state is keyed by global block index and every rank loads its own blocks' part (a
