@@ -101,3 +101,15 @@ def test_the_subpackages_import_each_other_without_a_circle():
 @pytest.mark.parametrize("src,dst", [("runtime", "distributed"), ("runtime", "metrics")])
 def test_the_arrows_that_used_to_run_upward_are_gone(src, dst):
     assert not [x for x in _imports() if (x[0], x[1]) == (src, dst)]
+
+
+def test_metrics_moves_no_messages():
+    """The alignment probe is a runtime schedule (runtime/probe.py): metrics/ computes cosines
+    on what it hands back and calls no transport itself."""
+    calls = []
+    for path in (PACKAGE / "metrics").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and node.attr in {
+                    "send", "recv", "broadcast", "all_reduce", "check_idle", "transport"}:
+                calls.append(f"{path.name}:{node.lineno}: .{node.attr}")
+    assert not calls, "\n".join(calls)

@@ -14,10 +14,11 @@ import torch
 
 from .. import trace
 from ..models import BlockModel
-from ..rules import MicroBatch
+from ..rules import DirectFeedbackRule, MicroBatch
 from .batch_norm import ReplicaStatistics, batch_norms
 from .final_state import save_stage_state
 from .layout import Layout
+from .probe import AlignmentProbe, Measure
 from .schedules import Batch, Inference, Prepare, Schedule, StepResult, split_micro_batches
 from .stage import Stage
 from .transport import Transport
@@ -170,6 +171,39 @@ class PipelineEngine:
         starts = list(range(0, len(y), batch_size))[self.replica::self.layout.dp]
         stages = [(s.index, s.rule) for s in self.stages]
         return self.inference.run(stages, x, y, starts, batch_size, prepare)
+
+    def probe(self, x: torch.Tensor, y: torch.Tensor, seed: int, measure: Measure,
+              max_outputs: int) -> dict[str, dict[str, float]]:
+        """The alignment probe (runtime/probe.py) on the rows `x`, `y`, on every rank:
+        {feedback point: `measure` of its exact derivatives}, in the points' order; empty for
+        rules without feedback matrices. Replica 0 computes it; the others hold the same
+        weights. The model is left as it was, BatchNorm running statistics included."""
+        flat: dict[str, float] = {}
+        rule = self.stages[0].rule
+        # The rule is the same on every rank, so a replica's ranks agree on taking part.
+        if self.replica == 0 and isinstance(rule, DirectFeedbackRule):
+            schedule = AlignmentProbe(self.transport, self.layout.num_stages,
+                                      self.model.signal_spec, self.device, measure, max_outputs)
+            # One micro-batch of every row; its step keys the probe's tangents and dropout.
+            batch = Batch(x, y, [MicroBatch(seed, 0, 0, len(y), len(y))], 0, len(y))
+            # The probe runs in train mode like a step (BatchNorm on the probe batch's
+            # statistics) but must not change the model.
+            buffers = [(b, b.clone()) for s in self.stages for blk in s.blocks
+                       for b in blk.buffers()]
+            try:
+                flat = schedule.run([(s.index, s.rule) for s in self.stages], batch).stats
+            finally:
+                with torch.no_grad():
+                    for b, saved in buffers:
+                        b.copy_(saved)
+        out: dict[str, dict[str, float]] = {}
+        for key, value in self.merge_stats(flat).items():
+            point, metric = key.rsplit("/", 1)
+            out.setdefault(point, {})[metric] = value
+        if not out:
+            return out
+        order = [pt.name for pt in rule.all_points]
+        return dict(sorted(out.items(), key=lambda kv: order.index(kv[0])))
 
     def merge_stats(self, stats: dict) -> dict:
         """Every rank's entries (per-step statistics, per-block metrics), on every rank."""

@@ -4,12 +4,14 @@ Layout, float64 (exact for float32 and float64 values): [summed loss, #correct],
 micro-batch its error (size x positions x width) and its output tangents (K x m x
 [positions x] width, GrAPE only; `SignalSpec`). Every stage
 knows the packet's size in advance from the micro-batch sizes and its rule's
-`output_tangent_shape`, so receivers preallocate it and no header travels.
+`output_tangent_shape` (or the `tangent_shape` it is given: the alignment probe's one stream
+per feedback point), so receivers preallocate it and no header travels.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -18,16 +20,20 @@ from ..rules.base import one_hot
 
 
 class SignalCodec:
-    def __init__(self, rule: StageRule, spec: SignalSpec, device: torch.device) -> None:
+    def __init__(self, rule: StageRule, spec: SignalSpec, device: torch.device,
+                 tangent_shape: Callable[[MicroBatch], tuple[int, int] | None] | None = None
+                 ) -> None:
         self.rule = rule  # any of this rank's rules of the kind being run: they agree on shapes
         self.spec = spec
         self.device = device
+        # (streams, rows) of a micro-batch's output tangents; default: the rule's.
+        self.tangent_shape = tangent_shape or rule.output_tangent_shape
 
     def _error_size(self, mb: MicroBatch) -> int:
         return mb.size * self.spec.positions * self.spec.signal_width
 
     def _tangent_size(self, mb: MicroBatch) -> int:
-        km = self.rule.output_tangent_shape(mb)
+        km = self.tangent_shape(mb)
         return km[0] * km[1] * math.prod(self.spec.tangent_tail()) if km else 0
 
     def size(self, mbs: list[MicroBatch]) -> int:
@@ -55,7 +61,7 @@ class SignalCodec:
             n = self._error_size(mb)
             e = packet[pos:pos + n].view(-1, w).to(dtype)
             pos += n
-            km = self.rule.output_tangent_shape(mb)
+            km = self.tangent_shape(mb)
             t = None
             if km:
                 n = self._tangent_size(mb)
