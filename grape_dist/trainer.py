@@ -1,29 +1,29 @@
-"""The training loop: data, model, stages, epochs, calibration, evaluation and run outputs."""
+"""The training loop: data, model, stages, epochs, calibration, evaluation and run outputs.
+
+The rest of a run lives beside it, by concern: what it has done (train_state.py), the checks
+before its first step (startup.py), how it stops early (stopping.py), its checkpoints
+(checkpointing.py), and its folder and restart policy (run_folder.py)."""
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from .build import build_engine, build_model_for, plan_run
+from .checkpointing import Checkpointer, Resume, read_resume
 from .config import TEXT_DATASETS, Config, to_dict
-from .data import (
-    epoch_batches,
-    random_batch_indices,
-)
+from .data import epoch_batches, random_batch_indices
 from .data.held import Tensors
 from .data.rank_data import RankData, load_tensors
 from .distributed import resolve_device
-from .errors import DataError, RankFailures, StartupError
+from .errors import StartupError
 from .faults import fault_from_env
 from .metrics.alignment import probe_alignment
 from .metrics.progress import Progress
@@ -31,146 +31,16 @@ from .metrics.tensorboard import TensorBoardWriter
 from .metrics.writer import RunWriter, clear_run
 from .optim import scheduled_lr, set_lr
 from .runtime import CheckRows, Layout, split_micro_batches
-from .runtime.checkpoint import (
-    CheckpointError,
-    check_resumable,
-    config_changes,
-    load_checkpoint,
-    read_manifest,
-    save_checkpoint,
-)
+from .runtime.checkpoint import config_changes, load_checkpoint
 from .runtime.final_state import clear_final_state
+from .startup import agree_to_start, check_fits_data, threads_per_process
+from .stopping import NonFiniteError, TrainingInterrupted, nonfinite_blocks
+from .train_state import CalibrationEvent, EpochProgress, TrainState
+
+# Re-exported: the entry points and tests import them from here.
+__all__ = ["NonFiniteError", "Tensors", "Trainer", "TrainingInterrupted", "build_model_for"]
 
 log = logging.getLogger("grape_dist")
-
-
-@dataclass
-class CalibrationEvent:
-    epoch: int
-    step: int
-    batch_size: int
-    # With `calibration.line_search`: the check rows' mean loss (eval mode) before and after the
-    # step, and the fraction of the exact step kept (runtime/engine.py, CalibrationResult).
-    loss_before: float | None = None
-    loss_after: float | None = None
-    scale: float = 1.0
-
-
-@dataclass
-class EpochProgress:
-    """The running sums of the epoch in progress (checkpointed mid-epoch)."""
-
-    batches: int = 0  # mini-batches of this epoch done
-    loss: float = 0.0
-    correct: float = 0.0
-    seen: int = 0
-    stats: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # the epoch in progress (1-based), or the last one finished
-    step: int = 0
-    calibrations: list[CalibrationEvent] = field(default_factory=list)
-    best_test_accuracy: float = 0.0
-    best_test_loss: float = float("inf")
-    last_test_loss: float = float("nan")
-    last_test_accuracy: float = float("nan")
-    progress: EpochProgress = field(default_factory=EpochProgress)
-    epoch_done: bool = True  # whether `epoch` is finished (trained, calibrated, evaluated)
-    metrics_rows: int = 0  # lines of metrics.jsonl written so far
-    elapsed_s: float = 0.0  # training time before this process (resumed runs)
-    # Seconds spent in training steps and calibrations so far (no evaluation, probe or
-    # checkpoint): the clock of time-to-accuracy comparisons (timing.jsonl).
-    train_s: float = 0.0
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> TrainState:
-        data = dict(data)
-        data["calibrations"] = [CalibrationEvent(**c) for c in data["calibrations"]]
-        data["progress"] = EpochProgress(**data["progress"])
-        return cls(**data)
-
-
-def threads_per_process(threads: int, local_world_size: int | None = None,
-                        cpus: int | None = None) -> int:
-    """`train.threads` for this process: as configured, unless the processes on this node
-    (LOCAL_WORLD_SIZE, set by torchrun) would then ask for more threads than the node has
-    CPUs; then each gets its share, at least 1 (said once, by local rank 0). 0: torch's
-    default, which torch already divides."""
-    local = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    if not cpus:  # the CPUs this process may use (macOS has no affinity call: all of them)
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
-            os.cpu_count() or 1
-    if not threads or threads * local <= cpus:
-        return threads
-    share = max(1, cpus // local)
-    if share >= threads:  # one thread each is the least there is
-        return threads
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        log.warning("train.threads=%d x %d processes on this node would oversubscribe its %d "
-                    "CPUs: %d thread(s) each", threads, local, cpus, share)
-    return share
-
-
-def check_fits_data(cfg: Config, train_samples: int) -> None:
-    """A mini-batch the training split cannot fill is refused (DataError) before the first step
-    (calibration and probe batches are capped at the split's size instead)."""
-    where = (f"the {train_samples} training samples of {cfg.data.name}"
-             + (f" (data.train_subset={cfg.data.train_subset})" if cfg.data.train_subset else ""))
-    if cfg.data.batch_size > train_samples:
-        raise DataError(f"data.batch_size={cfg.data.batch_size} is larger than {where}: lower "
-                        "data.batch_size or train on more data")
-
-
-def check_metrics_rows(out: Path, rows: int) -> None:
-    """A resumed run keeps the first `rows` lines of metrics.jsonl: they must be there."""
-    path = out / "metrics.jsonl"
-    have = len(path.read_text().splitlines()) if path.exists() else 0
-    if have < rows:
-        raise CheckpointError(f"{path} has {have} rows but the checkpoint was taken after "
-                              f"{rows}: the run folder was edited or is not this checkpoint's")
-
-
-def agree_to_start(failure: StartupError | None) -> None:
-    """Collective (when a group exists): every rank raises RankFailures if any rank's start-up
-    checks failed, so all stop before the first step and rank 0 reports for all."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        if failure is not None:
-            raise failure
-        return
-    mine = None if failure is None else (failure.prefix, str(failure))
-    found: list[tuple[str, str] | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(found, mine)
-    failures: dict[tuple[str, str], list[int]] = {}
-    for rank, entry in enumerate(found):
-        if entry is not None:
-            failures.setdefault(tuple(entry), []).append(rank)
-    if failures:
-        raise RankFailures(failures, len(found))
-
-
-class TrainingInterrupted(Exception):
-    """The run was asked to stop (SIGINT/SIGTERM) and wrote a checkpoint after its last
-    step."""
-
-    def __init__(self, epoch: int, step: int, checkpoint: Path | None) -> None:
-        super().__init__(f"interrupted in epoch {epoch} after step {step}")
-        self.epoch, self.step, self.checkpoint = epoch, step, checkpoint
-
-
-class NonFiniteError(Exception):
-    """NaN or Inf in the loss, a block's weights or its feedback matrix: the run stops on that
-    step, on every rank, and writes no checkpoint (the previous one stays the last good one)."""
-
-    def __init__(self, epoch: int, step: int, where: list[str],
-                 checkpoint: Path | None) -> None:
-        super().__init__(f"non-finite values after step {step} (epoch {epoch}) in "
-                         f"{', '.join(where)}")
-        self.epoch, self.step, self.where, self.checkpoint = epoch, step, where, checkpoint
 
 
 def _calibrated_note(event: CalibrationEvent | None) -> str:
@@ -212,23 +82,13 @@ class Trainer:
         self.out_path = Path(out_dir) if out_dir is not None else None
         self.out_dir = self.out_path if self.rank == 0 else None
         self.state = TrainState()
-        self._saved: tuple[int, Path | None] | None = None  # (step, folder) of the last save
         self.fault = fault_from_env()  # injected faults for recovery tests (faults.py)
-        bounds = None
-        manifest = None
+        resumed: Resume | None = None
         failure: StartupError | None = None
         try:
             if resume is not None:
-                manifest = read_manifest(resume, verify=self.rank == 0)
-                check_resumable(manifest, cfg, self.layout)
-                if self.out_dir is not None:
-                    check_metrics_rows(self.out_dir, manifest["trainer"]["metrics_rows"])
-                self.state = TrainState.from_json(manifest["trainer"])
-                # The same layout keeps its split; another one is split afresh (the state is
-                # keyed by global block index: runtime/checkpoint.py).
-                if (manifest["pp"], manifest["dp"], len(manifest["stage_bounds"])) == \
-                        (self.layout.pp, self.layout.dp, self.layout.num_stages):
-                    bounds = [tuple(b) for b in manifest["stage_bounds"]]
+                resumed = read_resume(resume, cfg, self.layout, self.rank, self.out_dir)
+                self.state = resumed.state
             t0 = time.perf_counter()
             self._inject_fault("start")
             # The data stays on the CPU; mini-batches move to the model's device when used.
@@ -248,10 +108,14 @@ class Trainer:
         # Before any other collective: a check that failed on one rank (a node without the
         # data, a damaged shard that rank 0 verified) stops every rank here, together.
         agree_to_start(failure)
-        self.engine = build_engine(cfg, model, self.layout, self.device, bounds)
-        if resume is not None:
-            load_checkpoint(resume, self.engine.stages, self.rank)
-            self._saved = (self.state.step, Path(resume))
+        self.engine = build_engine(cfg, model, self.layout, self.device,
+                                   resumed.bounds if resumed else None)
+        self.checkpoints = Checkpointer(cfg, self.engine, self.layout, self.rank,
+                                        self.world_size, self.out_path,
+                                        before_commit=lambda: self._inject_fault("save"))
+        if resumed is not None:
+            load_checkpoint(resumed.folder, self.engine.stages, self.rank)
+            self.checkpoints.resumed(resumed)
             # Each rank goes on summing the statistics of its own blocks ("name/<block>").
             mine = {str(i) for s in self.engine.stages for i in range(s.first, s.last)}
             self.state.progress.stats = {k: v for k, v in self.state.progress.stats.items()
@@ -263,12 +127,12 @@ class Trainer:
         if overwrite and self.out_dir is not None:
             clear_run(self.out_dir)
         self.writer = RunWriter(self.out_dir, keep_rows=self.state.metrics_rows
-                                if manifest is not None else None)
-        if manifest is None:
+                                if resumed is not None else None)
+        if resumed is None:
             self.writer.config(to_dict(cfg))
         else:
             # config.yaml keeps what the run started with; a change is history.
-            changed = config_changes(manifest["config"], to_dict(cfg))
+            changed = config_changes(resumed.manifest["config"], to_dict(cfg))
             if changed:
                 self.writer.resumed({"step": self.state.step, "epoch": self.state.epoch,
                                      "changed": changed})
@@ -276,7 +140,7 @@ class Trainer:
         # written after its checkpoint (those at the checkpoint's own step were logged before
         # it was saved, and stay).
         self.tb = TensorBoardWriter(self.out_dir / "tensorboard" if self.out_dir else None,
-                                    purge_step=self.state.step + 1 if manifest else None)
+                                    purge_step=self.state.step + 1 if resumed else None)
         self.tb.config(to_dict(cfg))
         if self.out_dir is not None:
             clear_final_state(self.out_dir)
@@ -289,8 +153,6 @@ class Trainer:
         self.language_model = cfg.data.name in TEXT_DATASETS
         self.inputs, self.probe = self.data.inputs, self.data.probe
         self.stop_requested = False  # set by request_stop (signal handlers)
-        # Called on every rank after each checkpoint (the Ray job reports them to Ray Train).
-        self.checkpoint_hook: Callable[[Path], None] | None = None
         self._t0 = time.perf_counter()
 
     # -- evaluation ------------------------------------------------------------------------
@@ -389,30 +251,10 @@ class Trainer:
         """Ask the run to stop after the current step with a checkpoint (signal handlers)."""
         self.stop_requested = True
 
-    def _nonfinite_blocks(self, loss: float) -> list[str]:
-        """This rank's blocks whose weights or feedback matrix hold NaN or Inf, plus "loss" if
-        the step's loss is not finite. One reduction per tensor and one host read per step;
-        the blocks are named only when something is wrong."""
-        checks = []  # (name, the tensor's sum): a NaN or Inf anywhere makes the sum non-finite
-        for stage in self.stages:
-            for block in stage.blocks:
-                checks += [(f"{block.name} (weights)", p.detach().sum())
-                           for p in block.parameters()]
-            feedback = stage.rule.feedback_matrices()
-            checks += [(f"{pt.name} (feedback matrix)", feedback[pt.index].sum())
-                       for pt in stage.rule.feedback_points()]
-        bad = [] if math.isfinite(loss) else ["loss"]
-        if checks:
-            finite = torch.isfinite(torch.stack([c for _, c in checks]))
-            if not bool(finite.all()):
-                bad += list(dict.fromkeys(n for (n, _), ok in zip(checks, finite.tolist())
-                                          if not ok))
-        return bad
-
     def _check_stop(self, loss: float = 0.0) -> None:
         """Collective, after every step: all ranks stop on the same step if any was asked to
         (a signal), or if any holds a non-finite loss, weight or feedback matrix."""
-        bad = self._nonfinite_blocks(loss)
+        bad = nonfinite_blocks(self.stages, loss)
         flag = torch.tensor([1.0 if self.stop_requested else 0.0, float(len(bad))],
                             device=self.device if self.device.type == "cuda" else "cpu")
         if self.world_size > 1:
@@ -423,9 +265,9 @@ class Trainer:
             raise NonFiniteError(self.state.epoch, self.state.step, blocks,
                                  self.last_checkpoint)
         if flag[0].item() > 0:
-            path = self._saved if self._saved and self._saved[0] == self.state.step \
-                else (self.state.step, self.save_checkpoint())
-            raise TrainingInterrupted(self.state.epoch, self.state.step, path[1])
+            saved = self.checkpoints.saved
+            path = saved[1] if saved and saved[0] == self.state.step else self.save_checkpoint()
+            raise TrainingInterrupted(self.state.epoch, self.state.step, path)
 
     def _inject_fault(self, at: str) -> None:
         """GRAPE_FAULT: crash or hang here if it names this step, rank and point."""
@@ -435,31 +277,21 @@ class Trainer:
     @property
     def last_checkpoint(self) -> Path | None:
         """The newest checkpoint written (or resumed from) by this process, if any."""
-        return self._saved[1] if self._saved else None
+        return self.checkpoints.last
+
+    @property
+    def checkpoint_hook(self) -> Callable[[Path], None] | None:
+        """Called on every rank after each checkpoint (the Ray job reports them to Ray Train)."""
+        return self.checkpoints.hook
+
+    @checkpoint_hook.setter
+    def checkpoint_hook(self, hook: Callable[[Path], None] | None) -> None:
+        self.checkpoints.hook = hook
 
     def save_checkpoint(self) -> Path | None:
-        """Collective: every stage's state and the trainer's, atomically (no-op without an
-        output folder or with `train.checkpoint=false`)."""
-        if self.out_path is None or not self.cfg.train.checkpoint:
-            return None
-        bounds = sorted(b for part in self.engine.transport.all_gather_object(
-            [(s.index, s.first, s.last) for s in self.stages]) for b in part)
-        trainer = self.state.to_json()
-        trainer["elapsed_s"] = self.state.elapsed_s + time.perf_counter() - self._t0
-        # Per-block statistics live on the ranks holding the blocks: keep every rank's.
-        trainer["progress"]["stats"] = self.engine.merge_stats(self.state.progress.stats)
-        manifest = {"epoch": self.state.epoch, "epoch_done": self.state.epoch_done,
-                    "world_size": self.world_size, "pp": self.layout.pp, "dp": self.dp,
-                    "stage_bounds": [[first, last] for _, first, last in bounds],
-                    "config": to_dict(self.cfg), "trainer": trainer}
-        path = save_checkpoint(self.out_path, self.stages, self.rank, self.state.step, manifest,
-                               keep=self.cfg.train.keep_checkpoints,
-                               before_commit=lambda: self._inject_fault("save"))
-        self._saved = (self.state.step, path)
-        if self.checkpoint_hook is not None:
-            self.checkpoint_hook(path)
-        log.debug("checkpoint %s", path)
-        return path
+        """Collective: every stage's state and the trainer's (Checkpointer.save)."""
+        return self.checkpoints.save(self.state, self.state.elapsed_s + time.perf_counter()
+                                     - self._t0)
 
     def fit(self) -> dict:
         cfg = self.cfg

@@ -9,7 +9,8 @@ circle. The layers, bottom to top:
     distributed                                          torch.distributed under the runtime
     metrics                                              alignment probe, writers (runtime)
     build                                                assembles the engine (runtime, distributed)
-    trainer, run_folder, ray_job, train, report          the loop and the entry points
+    trainer, train_state, startup, stopping,             the loop, by concern, and the entry
+    checkpointing, run_folder, ray_job, train, report    points
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ LAYERS = [
     {"distributed"},
     {"metrics"},
     {"build"},
-    {"trainer", "run_folder", "ray_job", "train", "report"},
+    {"trainer", "train_state", "startup", "stopping", "checkpointing", "run_folder", "ray_job",
+     "train", "report"},
 ]
 LEVEL = {name: i for i, layer in enumerate(LAYERS) for name in layer}
 

@@ -159,7 +159,7 @@ def test_entry_point_under_torchrun(tmp_path):
 
 
 def test_threads_are_shared_out_when_the_node_would_be_oversubscribed():
-    from grape_dist.trainer import threads_per_process
+    from grape_dist.startup import threads_per_process
 
     assert threads_per_process(2, local_world_size=8, cpus=2) == 1
     assert threads_per_process(4, local_world_size=2, cpus=6) == 3
