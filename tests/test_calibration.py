@@ -197,3 +197,27 @@ def test_a_step_no_length_helps_is_undone_with_batchnorm_statistics():
     assert event.scale == 0 and event.loss_after == event.loss_before
     for k, v in trainer.model.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_language_models_check_loss_is_per_token():
+    """The check rows' loss is logged per output: per token for a language model (here the
+    mean cross-entropy over every token of the check windows, from a direct model call)."""
+    if not (SHARED_DATA / "shakespeare").is_dir():
+        pytest.skip(f"Shakespeare is not in {SHARED_DATA}")
+    cfg = load_config(None, [
+        "rule=dfa", "model.name=transformer", "model.d_model=16", "model.layers=1",
+        "model.heads=2", "data.name=shakespeare", f"data.root={SHARED_DATA}", "data.seq_len=16",
+        "data.train_subset=64", "data.test_subset=16", "data.batch_size=16",
+        "train.progress=false", "train.threads=1", "calibration.every_epochs=1",
+        "calibration.batch_size=16", "calibration.line_search=1", "calibration.check_rows=32"])
+    trainer = Trainer(cfg, None)
+    batch = random_batch_indices(len(trainer.train.y), 16, cfg.seed, 1)
+    x, y = trainer.data.plain_rows(trainer.data.check_indices(batch, 1, 32))
+    assert y.shape == (32, 16)
+    trainer.model.eval()
+    with torch.no_grad():
+        logits = trainer.model(x)
+        want = float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)))
+    trainer.model.train()
+    trainer.calibrate(1)
+    assert trainer.state.calibrations[-1].loss_before == pytest.approx(want, rel=1e-5)

@@ -38,11 +38,12 @@ class CheckRows:
 @dataclass
 class CalibrationResult:
     """A calibration step: its mini-batch's statistics and, when it was checked (`line_search`),
-    the mean loss in eval mode of the `rows` it was judged on, before and after it, and the
-    fraction of the exact step that was kept (1 = all of it, 0 = undone)."""
+    the mean loss in eval mode per output (sample, or a language model's token) of the rows it
+    was judged on (`outputs` in all), before and after it, and the fraction of the exact step
+    that was kept (1 = all of it, 0 = undone)."""
 
     step: StepResult
-    rows: int
+    outputs: int
     loss_before: float | None = None
     loss_after: float | None = None
     scale: float = 1.0
@@ -50,8 +51,8 @@ class CalibrationResult:
     def to_json(self) -> dict:
         if self.loss_before is None:
             return {}
-        return {"loss_before": self.loss_before / self.rows,
-                "loss_after": self.loss_after / self.rows, "scale": self.scale}
+        return {"loss_before": self.loss_before / self.outputs,
+                "loss_after": self.loss_after / self.outputs, "scale": self.scale}
 
 
 class PipelineEngine:
@@ -119,7 +120,7 @@ class PipelineEngine:
         batch = self._batch(x, y, step, offset, total)
         if line_search <= 0:
             result = self._run(self.calibration_schedule, stages, batch, step, "calibration")
-            return CalibrationResult(result, batch.total)
+            return CalibrationResult(result, batch.total * self.model.signal_spec.positions)
         if check is None:
             check = CheckRows(x, y, batch.total)
         params = [p for s in self.stages for p in s.calibration.parameters()]
@@ -142,7 +143,8 @@ class PipelineEngine:
             with torch.no_grad():
                 for b, v in zip(buffers, start_buffers):
                     b.copy_(v)
-        return CalibrationResult(result, check.total, loss_before, best_loss, best_scale)
+        outputs = check.total * self.model.signal_spec.positions
+        return CalibrationResult(result, outputs, loss_before, best_loss, best_scale)
 
     @staticmethod
     @torch.no_grad()
