@@ -86,7 +86,7 @@ def _worker(loop_config: dict[str, Any]) -> None:
             if path is not None and rank == 0 else None
         ray.train.report({"epoch": state.epoch, "step": state.step}, checkpoint=checkpoint)
 
-    trainer.checkpoint_hook = report
+    trainer.checkpoints.hook = report
     summary = trainer.fit()
     if rank == 0 and out is not None:
         log = logging.getLogger("grape_dist")

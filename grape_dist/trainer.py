@@ -10,7 +10,6 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -278,15 +277,6 @@ class Trainer:
     def last_checkpoint(self) -> Path | None:
         """The newest checkpoint written (or resumed from) by this process, if any."""
         return self.checkpoints.last
-
-    @property
-    def checkpoint_hook(self) -> Callable[[Path], None] | None:
-        """Called on every rank after each checkpoint (the Ray job reports them to Ray Train)."""
-        return self.checkpoints.hook
-
-    @checkpoint_hook.setter
-    def checkpoint_hook(self, hook: Callable[[Path], None] | None) -> None:
-        self.checkpoints.hook = hook
 
     def save_checkpoint(self) -> Path | None:
         """Collective: every stage's state and the trainer's (Checkpointer.save)."""

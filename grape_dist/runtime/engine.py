@@ -127,8 +127,7 @@ class PipelineEngine:
         start = [p.detach().clone() for p in params]
         # BatchNorm's running statistics move with the step's forward; an undone step puts
         # them back too.
-        buffers = [b for s in self.stages for blk in s.blocks for b in blk.buffers()]
-        start_buffers = [b.clone() for b in buffers]
+        start_buffers = self._buffers()
         loss_before = self._loss_on(check)
         result = self._run(self.calibration_schedule, stages, batch, step, "calibration")
         moves = [p.detach() - w for p, w in zip(params, start)]
@@ -140,11 +139,19 @@ class PipelineEngine:
                 best_scale, best_loss = scale, loss
         self._move(params, start, moves, best_scale)
         if not best_scale:
-            with torch.no_grad():
-                for b, v in zip(buffers, start_buffers):
-                    b.copy_(v)
+            self._restore(start_buffers)
         outputs = check.total * self.model.signal_spec.positions
         return CalibrationResult(result, outputs, loss_before, best_loss, best_scale)
+
+    def _buffers(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(buffer, a copy) for every buffer of this rank's blocks (BatchNorm statistics)."""
+        return [(b, b.clone()) for s in self.stages for blk in s.blocks for b in blk.buffers()]
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(saved: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        for b, v in saved:
+            b.copy_(v)
 
     @staticmethod
     @torch.no_grad()
@@ -190,14 +197,11 @@ class PipelineEngine:
             batch = Batch(x, y, [MicroBatch(seed, 0, 0, len(y), len(y))], 0, len(y))
             # The probe runs in train mode like a step (BatchNorm on the probe batch's
             # statistics) but must not change the model.
-            buffers = [(b, b.clone()) for s in self.stages for blk in s.blocks
-                       for b in blk.buffers()]
+            buffers = self._buffers()
             try:
                 flat = schedule.run([(s.index, s.rule) for s in self.stages], batch).stats
             finally:
-                with torch.no_grad():
-                    for b, saved in buffers:
-                        b.copy_(saved)
+                self._restore(buffers)
         out: dict[str, dict[str, float]] = {}
         for key, value in self.merge_stats(flat).items():
             point, metric = key.rsplit("/", 1)

@@ -107,7 +107,7 @@ class AlignmentProbe(Schedule):
         codec = SignalCodec(rule0, spec, self.device,
                             tangent_shape=lambda m: (len(points), m.size))
         if self._holds_last(stages):
-            x_last, outs_last, logits, t, head_in = saved[self.last]
+            _, _, logits, t, head_in = saved[self.last]
             loss, correct, signal = output_signal(logits, batch.y.to(self.device), n, t)
             stats += torch.stack([loss.to(stats.dtype), correct.to(stats.dtype)])
             if spec.at_head_input:
@@ -124,7 +124,7 @@ class AlignmentProbe(Schedule):
         self.transport.broadcast(packet, self.last).wait()
         if not self._holds_last(stages):
             stats, (signal,) = codec.unpack(packet, batch.mbs, batch.y, batch.offset)
-        measures = self._backward(stages, saved, mb, signal, points)
+        measures = self._backward(stages, saved, mb, signal)
         self.transport.flush()
         self.transport.check_idle(f"end of mini-batch ({self.name})")
         return StepResult(float(stats[0]), int(stats[1]), n, measures)
@@ -152,8 +152,8 @@ class AlignmentProbe(Schedule):
                 t = inject(0, t)
         return h_out, t, list(zip(values, drawn))
 
-    def _backward(self, stages: LocalStages, saved: dict, mb, signal: OutputSignal,
-                  points: list) -> dict[str, float]:
+    def _backward(self, stages: LocalStages, saved: dict, mb,
+                  signal: OutputSignal) -> dict[str, float]:
         """The loss's gradient (grad output e) and, for the exact Jacobian, each output unit
         summed over the batch (grad output one-hot in that unit), stage by stage in reverse;
         each local point measured."""
