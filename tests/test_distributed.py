@@ -8,10 +8,12 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from rank_launcher import run_ranks
 
 from grape_dist.runtime import load_final_state
 
@@ -38,13 +40,29 @@ def device(request):
     DEVICE = "cpu"
 
 
-def torchrun(nproc: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+def _args(out: Path, overrides: tuple[str, ...]) -> list[str]:
+    return ["--quiet", "--out", str(out), *BASE, f"train.device={DEVICE}", *overrides]
+
+
+def _check_gpus(nproc: int) -> None:
     if DEVICE == "cuda" and nproc > torch.cuda.device_count():
         pytest.skip(f"{nproc} ranks need {nproc} GPUs, {torch.cuda.device_count()} here")
+
+
+def torchrun(nproc: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """`nproc` ranks of `python -m grape_dist.train` over a real process group, forked from a
+    preloaded interpreter (rank_launcher.py: the same ranks as torchrun's, without torch's
+    import in each)."""
+    _check_gpus(nproc)
+    return run_ranks(nproc, _args(out, overrides), ROOT, {"OMP_NUM_THREADS": "1"})
+
+
+def torchrun_cli(nproc: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+    """The same ranks under the real `torchrun` launcher."""
+    _check_gpus(nproc)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     cmd = [str(TORCHRUN), f"--nproc_per_node={nproc}", "--standalone", "-m",
-           "grape_dist.train", "--quiet", "--out", str(out), *BASE, f"train.device={DEVICE}",
-           *overrides]
+           "grape_dist.train", *_args(out, overrides)]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
 
 
@@ -177,7 +195,7 @@ def test_explicit_uneven_stage_split(tmp_path):
      "pipeline.schedule=1f1b needs pipeline.micro_batches >= pp = 2"),
 ])
 def test_layout_errors_stop_every_rank_before_training(nproc, overrides, match, tmp_path):
-    r = torchrun(nproc, tmp_path / "bad", "rule=dfa", "train.epochs=1", *overrides)
+    r = torchrun_cli(nproc, tmp_path / "bad", "rule=dfa", "train.epochs=1", *overrides)
     if match is None:
         assert r.returncode == 0, r.stderr[-3000:]
     else:
@@ -413,3 +431,15 @@ def test_torch_pipelining_on_the_language_model_matches_native_bp(tmp_path):
     r = torchrun(2, tmp_path / "1f1b", *args, "pipeline.schedule=1f1b", "data.drop_last=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(load(tmp_path / "native"), load(tmp_path / "1f1b"), atol=2e-6)
+
+
+def test_a_rank_that_dies_fails_the_launch_without_a_hang(tmp_path):
+    """The launcher the tests use (rank_launcher.py): rank 1 exits after step 3; the launch
+    fails, and rank 0 notices the lost peer and stops instead of waiting for it."""
+    _check_gpus(2)
+    start = time.monotonic()
+    r = run_ranks(2, _args(tmp_path / "dies", ("rule=dfa",)), ROOT,
+                  {"OMP_NUM_THREADS": "1", "GRAPE_FAULT": "exit:step=3:rank=1"})
+    assert r.returncode != 0
+    assert "(rank 0): lost a peer after step 3" in r.stderr, r.stderr[-3000:]
+    assert time.monotonic() - start < 120

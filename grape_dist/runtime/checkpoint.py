@@ -34,7 +34,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 from torch import nn
 
 from ..errors import StartupError
@@ -58,11 +57,16 @@ def _distributed() -> bool:
 
 
 @contextlib.contextmanager
-def _quiet_dcp() -> Iterator[None]:
-    # One process without a group is a supported case (no_dist), which DCP warns about anyway.
+def _quiet_dcp() -> Iterator[Any]:
+    """torch.distributed.checkpoint, imported on first use: it pulls in DTensor and sympy,
+    about 1.3 s of a process's start on an idle core, which a run that never saves pays for
+    nothing. One process without a group is a supported case (no_dist), which DCP warns about
+    anyway: silenced."""
+    import torch.distributed.checkpoint as dcp
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+        yield dcp
 
 
 def _barrier() -> None:
@@ -147,7 +151,7 @@ def save_checkpoint(run_dir: str | Path, stages: list[Stage], rank: int, step: i
     state[f"rng.{rank}.cpu"] = torch.get_rng_state()
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state[f"rng.{rank}.cuda"] = torch.cuda.get_rng_state()
-    with _quiet_dcp():
+    with _quiet_dcp() as dcp:
         dcp.save(state, checkpoint_id=partial, no_dist=not _distributed())
     if before_commit is not None:
         before_commit()
@@ -251,7 +255,8 @@ def _add_new_keys(config: dict[str, Any]) -> None:
 def load_checkpoint(path: str | Path, stages: list[Stage], rank: int) -> None:
     """Collective: restore this rank's stages (and RNG states) from checkpoint `path`."""
     path = Path(path)
-    stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    with _quiet_dcp() as dcp:
+        stored = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     state: dict[str, torch.Tensor] = {}
     optim: list[dict[str, torch.Tensor]] = []  # per stage: its optimiser entries, to load into
     for stage in stages:
@@ -274,7 +279,7 @@ def load_checkpoint(path: str | Path, stages: list[Stage], rank: int) -> None:
                                   f"{tuple(v.shape)} in this run")
     rng = {k: torch.empty(stored[k].size, dtype=torch.uint8)
            for k in (f"rng.{rank}.cpu", f"rng.{rank}.cuda") if k in stored}
-    with _quiet_dcp():
+    with _quiet_dcp() as dcp:
         dcp.load({**state, **{k: v for m in optim for k, v in m.items()}, **rng},
                  checkpoint_id=path, no_dist=not _distributed())
     for stage, mine in zip(stages, optim, strict=True):
