@@ -42,6 +42,14 @@ def scheduled_lr(cfg: OptimConfig, epoch: int, epochs: int) -> float:
     return cfg.lr
 
 
+def warmup_factor(cfg: OptimConfig, step: int) -> float:
+    """The share of the scheduled learning rate that 0-based training `step` uses: (step + 1)
+    / warmup_steps during the warm-up, then 1."""
+    if step >= cfg.warmup_steps:
+        return 1.0
+    return (step + 1) / cfg.warmup_steps
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

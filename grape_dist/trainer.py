@@ -28,7 +28,7 @@ from .metrics.alignment import probe_alignment
 from .metrics.progress import Progress
 from .metrics.tensorboard import TensorBoardWriter
 from .metrics.writer import RunWriter, clear_run
-from .optim import scheduled_lr, set_lr
+from .optim import scheduled_lr, set_lr, warmup_factor
 from .runtime import CheckRows, Layout, split_micro_batches
 from .runtime.checkpoint import config_changes, load_checkpoint
 from .runtime.final_state import clear_final_state
@@ -152,6 +152,7 @@ class Trainer:
         self.language_model = cfg.data.name in TEXT_DATASETS
         self.inputs, self.probe = self.data.inputs, self.data.probe
         self.stop_requested = False  # set by request_stop (signal handlers)
+        self.epoch_lr = cfg.optim.lr  # this epoch's scheduled lr (fit sets it; warm-up scales it)
         self._t0 = time.perf_counter()
 
     # -- evaluation ------------------------------------------------------------------------
@@ -222,6 +223,9 @@ class Trainer:
                        rest_of_run=(cfg.train.epochs - epoch) * len(batches))
         for idx in batches[prog.batches:]:
             rows, offset, total = self._replica_rows(idx)
+            if self.state.step < cfg.optim.warmup_steps:
+                for opt in self.engine.optimizers:
+                    set_lr(opt, self.epoch_lr * warmup_factor(cfg.optim, self.state.step))
             t_step = time.perf_counter()
             r = self.engine.train_step(*self.data.training_rows(rows, epoch), self.state.step,
                                        offset, total)
@@ -295,9 +299,9 @@ class Trainer:
             if state.epoch != epoch:
                 state.epoch, state.progress, state.epoch_done = epoch, EpochProgress(), False
             t_epoch = time.perf_counter()
-            lr = scheduled_lr(cfg.optim, epoch, cfg.train.epochs)
+            self.epoch_lr = scheduled_lr(cfg.optim, epoch, cfg.train.epochs)
             for opt in self.engine.optimizers:
-                set_lr(opt, lr)
+                set_lr(opt, self.epoch_lr)
             t_train = time.perf_counter()
             train_loss, train_acc, stats = self.train_epoch(epoch)
             state.train_s += time.perf_counter() - t_train

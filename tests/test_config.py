@@ -35,6 +35,9 @@ def test_overrides_apply_after_the_file(tmp_path):
     (["optim.lr=0"], r"optim.lr: must be > 0"),
     (["optim.lr=-1"], r"optim.lr: must be > 0"),
     (["grape.b_optim.lr=0"], r"grape.b_optim.lr: must be > 0"),
+    (["optim.warmup_steps=-1"], r"optim.warmup_steps: must be >= 0"),
+    (["grape.b_optim.warmup_steps=10"], r"grape.b_optim.warmup_steps: only the weights' "
+                                        r"optimiser \(optim.warmup_steps\) warms up"),
     (["rule=grape", "calibration.every_epochs=-1"], r"calibration.every_epochs: must be >= 0"),
     (["train.epochs=three"], r"train.epochs: expected an integer, got 'three'"),
     (["train.epochs=2.5"], r"train.epochs: expected an integer"),

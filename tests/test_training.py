@@ -209,3 +209,29 @@ def test_the_global_random_streams_are_seeded_by_the_config():
         Trainer(cfg, None)
         draws.append((float(torch.rand(1)), random.random()))
     assert draws[0] == draws[1] != draws[2]
+
+
+def test_warmup_ramps_the_first_steps_learning_rate_then_keeps_the_schedules():
+    """optim.warmup_steps=2 with plain SGD: step 1 moves the weights by half an autograd SGD
+    step on its batch, steps 2 and 3 by a whole one (the lr is put back after the warm-up)."""
+    import copy
+
+    from grape_dist.data import epoch_batches
+    cfg = load_config(None, [
+        "rule=bp", "train.epochs=1", "data.train_subset=96", "data.test_subset=32",
+        "data.batch_size=32", "train.progress=false", "model.hidden=[16]", "optim.name=sgd",
+        "optim.momentum=0", "optim.lr=0.5", "optim.warmup_steps=2",
+    ])
+    trainer = Trainer(cfg, None)
+    model = copy.deepcopy(trainer.model)
+    trainer.train_epoch(1)
+    params = list(model.parameters())
+    for k, idx in enumerate(epoch_batches(96, 32, cfg.seed, 1)):
+        x, y = trainer.inputs(trainer.train.x[idx]), trainer.train.y[idx]
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= 0.5 * min(1.0, (k + 1) / 2) * g
+    assert k == 2
+    for (name, got), want in zip(trainer.model.named_parameters(), params):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
