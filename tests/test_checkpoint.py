@@ -227,10 +227,10 @@ def test_a_resume_that_changes_the_lr_is_history_and_the_next_resume_keeps_it(tm
 
 
 def test_a_checkpoint_from_before_a_new_key_resumes_as_it_trained(tmp_path):
-    """`calibration.line_search`, `calibration.check_rows` and `data.drop_last` are newer than the
-    checkpoint format: a manifest without them is read as the code before them behaved (no
-    line search; a partial batch dropped only by torch's schedules), not refused and not
-    silently changed to the new defaults."""
+    """`calibration.line_search`, `calibration.check_rows`, `data.drop_last` and the optimisers'
+    `warmup_steps` are newer than the checkpoint format: a manifest without them is read as the
+    code before them behaved (no line search; a partial batch dropped only by torch's
+    schedules; no warm-up), not refused and not silently changed to the new defaults."""
     out = tmp_path / "run"
     assert run(1, *RUN, "train.epochs=1", "calibration.line_search=0", "--out",
                str(out)).returncode == 0
@@ -239,6 +239,9 @@ def test_a_checkpoint_from_before_a_new_key_resumes_as_it_trained(tmp_path):
     del manifest["config"]["calibration"]["line_search"]
     del manifest["config"]["calibration"]["check_rows"]
     del manifest["config"]["data"]["drop_last"]  # the native schedule: False
+    config = manifest["config"]
+    for optim in (config["optim"], config["grape"]["b_optim"], config["calibration"]["optim"]):
+        del optim["warmup_steps"]
     (latest / "manifest.json").write_text(json.dumps(manifest))
     r = run(1, "--resume", str(out), "train.epochs=2")
     assert r.returncode == 0, r.stderr[-2000:]

@@ -237,6 +237,9 @@ def read_manifest(path: str | Path, verify: bool = True) -> dict[str, Any]:
 ADDED_KEYS: dict[str, Any] = {
     "calibration.line_search": 0,
     "calibration.check_rows": 0,
+    "optim.warmup_steps": 0,
+    "grape.b_optim.warmup_steps": 0,
+    "calibration.optim.warmup_steps": 0,
     # Torch's schedules always dropped a partial last mini-batch, the native one never did.
     "data.drop_last": lambda c: c.get("pipeline", {}).get("schedule", "native") != "native",
 }
