@@ -58,10 +58,9 @@ def _distributed() -> bool:
 
 @contextlib.contextmanager
 def _quiet_dcp() -> Iterator[Any]:
-    """torch.distributed.checkpoint, imported on first use: it pulls in DTensor and sympy,
-    about 1.3 s of a process's start on an idle core, which a run that never saves pays for
-    nothing. One process without a group is a supported case (no_dist), which DCP warns about
-    anyway: silenced."""
+    """torch.distributed.checkpoint, imported on first use (it pulls in DTensor, which a run
+    that never saves or resumes does not need). One process without a group is a supported
+    case (no_dist), which DCP warns about anyway: silenced."""
     import torch.distributed.checkpoint as dcp
 
     with warnings.catch_warnings():
