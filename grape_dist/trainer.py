@@ -152,7 +152,6 @@ class Trainer:
         self.language_model = cfg.data.name in TEXT_DATASETS
         self.inputs, self.probe = self.data.inputs, self.data.probe
         self.stop_requested = False  # set by request_stop (signal handlers)
-        self.epoch_lr = cfg.optim.lr  # this epoch's scheduled lr (fit sets it; warm-up scales it)
         self._t0 = time.perf_counter()
 
     # -- evaluation ------------------------------------------------------------------------
@@ -224,8 +223,9 @@ class Trainer:
         for idx in batches[prog.batches:]:
             rows, offset, total = self._replica_rows(idx)
             if self.state.step < cfg.optim.warmup_steps:
+                lr = scheduled_lr(cfg.optim, epoch, cfg.train.epochs)
                 for opt in self.engine.optimizers:
-                    set_lr(opt, self.epoch_lr * warmup_factor(cfg.optim, self.state.step))
+                    set_lr(opt, lr * warmup_factor(cfg.optim, self.state.step))
             t_step = time.perf_counter()
             r = self.engine.train_step(*self.data.training_rows(rows, epoch), self.state.step,
                                        offset, total)
@@ -299,9 +299,9 @@ class Trainer:
             if state.epoch != epoch:
                 state.epoch, state.progress, state.epoch_done = epoch, EpochProgress(), False
             t_epoch = time.perf_counter()
-            self.epoch_lr = scheduled_lr(cfg.optim, epoch, cfg.train.epochs)
+            lr = scheduled_lr(cfg.optim, epoch, cfg.train.epochs)
             for opt in self.engine.optimizers:
-                set_lr(opt, self.epoch_lr)
+                set_lr(opt, lr)
             t_train = time.perf_counter()
             train_loss, train_acc, stats = self.train_epoch(epoch)
             state.train_s += time.perf_counter() - t_train

@@ -49,7 +49,7 @@ def _check_gpus(nproc: int) -> None:
         pytest.skip(f"{nproc} ranks need {nproc} GPUs, {torch.cuda.device_count()} here")
 
 
-def torchrun(nproc: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
+def launch_ranks(nproc: int, out: Path, *overrides: str) -> subprocess.CompletedProcess:
     """`nproc` ranks of `python -m grape_dist.train` over a real process group, forked from a
     preloaded interpreter (rank_launcher.py: the same ranks as torchrun's, without torch's
     import in each)."""
@@ -101,7 +101,7 @@ def assert_same_run(ref, other, atol=1e-6, align_atol=1e-6):
 def test_one_two_three_four_ranks_follow_one_trajectory(rule, extra, tmp_path):
     runs = {}
     for n in (1, 2, 3, 4):
-        r = torchrun(n, tmp_path / str(n), f"rule={rule}", *extra)
+        r = launch_ranks(n, tmp_path / str(n), f"rule={rule}", *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[n] = load(tmp_path / str(n))
         assert (runs[n][2]["world_size"], runs[n][2]["pp"]) == (n, n)
@@ -130,7 +130,7 @@ def test_line_searched_calibration_decides_the_same_on_every_layout(tmp_path):
            "calibration.optim.lr=1", "calibration.line_search=4"]
     runs = {}
     for n in (1, 3):
-        r = torchrun(n, tmp_path / str(n), *cal)
+        r = launch_ranks(n, tmp_path / str(n), *cal)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[n] = load(tmp_path / str(n))
     assert_same_run(runs[1], runs[3])
@@ -146,13 +146,13 @@ SGD = ["optim.name=sgd", "optim.lr=0.05", "optim.momentum=0.0"]
 
 
 def test_data_parallel_replicas_match_one_process_with_the_global_batch(tmp_path):
-    r = torchrun(4, tmp_path / "mesh", "rule=grape", "pipeline.dp=2", *SGD,
+    r = launch_ranks(4, tmp_path / "mesh", "rule=grape", "pipeline.dp=2", *SGD,
                  "calibration.every_epochs=1", "calibration.batch_size=32")
     assert r.returncode == 0, r.stderr[-3000:]
     mesh = load(tmp_path / "mesh")
     assert (mesh[2]["pp"], mesh[2]["dp"]) == (2, 2)
     # One process, global batch 2 x 32 split into 2 x 2 micro-batches, calibration batch 64.
-    r = torchrun(1, tmp_path / "one", "rule=grape", "data.batch_size=64", *SGD,
+    r = launch_ranks(1, tmp_path / "one", "rule=grape", "data.batch_size=64", *SGD,
                  "pipeline.micro_batches=4", "calibration.every_epochs=1",
                  "calibration.batch_size=64")
     assert r.returncode == 0, r.stderr[-3000:]
@@ -167,21 +167,21 @@ def test_a_last_batch_shorter_than_dp_leaves_replicas_without_rows(nproc, extra,
     """641 samples in global batches of 2 x 32: the last batch has one row, so replica 1 gets
     none. It still takes part in every collective; the run equals one process."""
     short = ["data.train_subset=641", "rule=grape", *SGD]
-    r = torchrun(nproc, tmp_path / "dp", *short, "pipeline.dp=2", *extra)
+    r = launch_ranks(nproc, tmp_path / "dp", *short, "pipeline.dp=2", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     dp = load(tmp_path / "dp")
     assert dp[2]["steps"] == 2 * 11
-    r = torchrun(1, tmp_path / "one", *short, *extra[1:], "data.batch_size=64",
+    r = launch_ranks(1, tmp_path / "one", *short, *extra[1:], "data.batch_size=64",
                  "pipeline.micro_batches=4")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(load(tmp_path / "one"), dp)
 
 
 def test_explicit_uneven_stage_split(tmp_path):
-    r = torchrun(2, tmp_path / "split", "rule=grape", "pipeline.stage_blocks=[3,1]",
+    r = launch_ranks(2, tmp_path / "split", "rule=grape", "pipeline.stage_blocks=[3,1]",
                  "grape.routing=shared")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(1, tmp_path / "one", "rule=grape", "grape.routing=shared")
+    r = launch_ranks(1, tmp_path / "one", "rule=grape", "grape.routing=shared")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(load(tmp_path / "one"), load(tmp_path / "split"))
 
@@ -208,13 +208,13 @@ def test_torch_pipelining_schedules_match_native_bp(tmp_path):
     """BP baselines on torch.distributed.pipelining (GPipe, 1F1B; interleaved zero bubble,
     ZBV and DualPipeV with two stages per rank) over the same blocks follow the native
     single-process BP trajectory."""
-    r = torchrun(1, tmp_path / "native", "rule=bp")
+    r = launch_ranks(1, tmp_path / "native", "rule=bp")
     assert r.returncode == 0, r.stderr[-3000:]
     ref = load(tmp_path / "native")
     for schedule, micro in (("gpipe", 2), ("1f1b", 2), ("zero_bubble", 2), ("zbv", 4),
                             ("dualpipev", 4)):
         out = tmp_path / schedule
-        r = torchrun(2, out, "rule=bp", f"pipeline.schedule={schedule}", "data.drop_last=true",
+        r = launch_ranks(2, out, "rule=bp", f"pipeline.schedule={schedule}", "data.drop_last=true",
                      f"pipeline.micro_batches={micro}")
         assert r.returncode == 0, (schedule, r.stderr[-3000:])
         run = load(out)
@@ -229,15 +229,15 @@ def test_streaming_signals_match_one_process(rule, tmp_path):
     """pipeline.streaming: per-micro-batch broadcast and immediate updates; the same config on
     one process gives the same trajectory (GrAPE's update then uses the previous B)."""
     extra = [f"rule={rule}", "pipeline.streaming=true", "pipeline.micro_batches=4"]
-    r = torchrun(1, tmp_path / "one", *extra)
+    r = launch_ranks(1, tmp_path / "one", *extra)
     assert r.returncode == 0, r.stderr[-3000:]
     ref = load(tmp_path / "one")
     for n in (2, 4):
-        r = torchrun(n, tmp_path / str(n), *extra)
+        r = launch_ranks(n, tmp_path / str(n), *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         assert_same_run(ref, load(tmp_path / str(n)))
     if rule == "grape":
-        r = torchrun(1, tmp_path / "sync", f"rule={rule}", "pipeline.micro_batches=4")
+        r = launch_ranks(1, tmp_path / "sync", f"rule={rule}", "pipeline.micro_batches=4")
         assert r.returncode == 0, r.stderr[-3000:]
         sync = load(tmp_path / "sync")
         assert not torch.allclose(sync[0]["model"]["blocks.0.1.weight"],
@@ -246,9 +246,9 @@ def test_streaming_signals_match_one_process(rule, tmp_path):
 
 @pytest.mark.parametrize("rule", ["fa", "drtp", "pepita"])
 def test_other_rules_on_two_ranks_match_one_process(rule, tmp_path):
-    r = torchrun(1, tmp_path / "one", f"rule={rule}")
+    r = launch_ranks(1, tmp_path / "one", f"rule={rule}")
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, tmp_path / "two", f"rule={rule}")
+    r = launch_ranks(2, tmp_path / "two", f"rule={rule}")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(load(tmp_path / "one"), load(tmp_path / "two"))
 
@@ -259,7 +259,7 @@ def test_each_rank_materialises_only_its_blocks(tmp_path):
     from grape_dist.runtime.partition import partition
     from grape_dist.trainer import build_model_for
     lenet = ["model.name=lenet", "model.hidden=[64,32]", "model.channels=[6,16]"]
-    r = torchrun(3, tmp_path / "lenet", "rule=grape", "train.epochs=1", *lenet)
+    r = launch_ranks(3, tmp_path / "lenet", "rule=grape", "train.epochs=1", *lenet)
     assert r.returncode == 0, r.stderr[-3000:]
     summary = load(tmp_path / "lenet")[2]
     model = build_model_for(load_config(None, lenet))  # meta: counts without weights
@@ -292,7 +292,7 @@ def test_the_language_model_on_ranks_follows_the_one_process_trajectory(rule, ex
     args = [f"rule={rule}", *LM, f"data.root={SHARED_DATA}", *extra]
     runs = {}
     for n in (1, nproc):
-        r = torchrun(n, tmp_path / str(n), *args)
+        r = launch_ranks(n, tmp_path / str(n), *args)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[n] = load(tmp_path / str(n))
     assert_same_run(runs[1], runs[nproc], atol=2e-6)
@@ -337,7 +337,7 @@ def test_resnet20_on_eight_ranks_follows_the_one_process_trajectory(cifar100_roo
             "feedback.points=layer", "feedback.conv=channel", "grape.routing=shared"]
     runs = {}
     for n in (1, 8):
-        r = torchrun(n, tmp_path / str(n), *args)
+        r = launch_ranks(n, tmp_path / str(n), *args)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[n] = load(tmp_path / str(n))
     assert_same_run(runs[1], runs[8], atol=1e-5)
@@ -347,7 +347,7 @@ def test_resnet20_on_eight_ranks_follows_the_one_process_trajectory(cifar100_roo
 def test_resnet56_on_eight_ranks_holds_about_one_eighth_per_rank(cifar100_root, tmp_path):
     """The default split balances what a rank holds: with SGD momentum 2 numbers per weight,
     plus the feedback matrices (full conv feedback: large for the early blocks)."""
-    r = torchrun(8, tmp_path / "r56", "rule=dfa", *RESNET, "model.depth=56",
+    r = launch_ranks(8, tmp_path / "r56", "rule=dfa", *RESNET, "model.depth=56",
                  f"data.root={cifar100_root}", "data.train_subset=16", "data.test_subset=16")
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "r56" / "summary.json").read_text())
@@ -381,7 +381,7 @@ def test_alexnet_with_dropout_on_eight_ranks_follows_the_one_process_trajectory(
                            ("pp4dp2", 8, ["pipeline.dp=2", "data.batch_size=8",
                                           "calibration.batch_size=8",
                                           "pipeline.micro_batches=2"])):
-        r = torchrun(n, tmp_path / name, *args, *extra)
+        r = launch_ranks(n, tmp_path / name, *args, *extra)
         assert r.returncode == 0, r.stderr[-3000:]
         runs[name] = load(tmp_path / name)
     assert (runs["pp8"][2]["stages"], runs["pp4dp2"][2]["pp"]) == (8, 4)
@@ -400,12 +400,12 @@ def test_batch_norm_replicas_follow_one_process_with_their_micro_batches(cifar10
     summation order into visible differences.)"""
     args = ["rule=grape", *RESNET, *SGD, "model.depth=8", f"data.root={cifar100_root}",
             "calibration.every_epochs=1", "train.epochs=1"]
-    r = torchrun(4, tmp_path / "mesh", *args, "pipeline.dp=2", "data.batch_size=16",
+    r = launch_ranks(4, tmp_path / "mesh", *args, "pipeline.dp=2", "data.batch_size=16",
                  "calibration.batch_size=16")
     assert r.returncode == 0, r.stderr[-3000:]
     mesh = load(tmp_path / "mesh")
     assert (mesh[2]["pp"], mesh[2]["dp"]) == (2, 2)
-    r = torchrun(1, tmp_path / "one", *args, "data.batch_size=32", "pipeline.micro_batches=4",
+    r = launch_ranks(1, tmp_path / "one", *args, "data.batch_size=32", "pipeline.micro_batches=4",
                  "calibration.batch_size=32")
     assert r.returncode == 0, r.stderr[-3000:]
     one = load(tmp_path / "one")
@@ -426,9 +426,9 @@ def test_torch_pipelining_on_the_language_model_matches_native_bp(tmp_path):
     # SGD: torch's schedules sum the micro-batch gradients in another order, which Adam would
     # amplify in near-zero gradients.
     args = ["rule=bp", *LM, *SGD, f"data.root={SHARED_DATA}", "pipeline.micro_batches=2"]
-    r = torchrun(2, tmp_path / "native", *args)
+    r = launch_ranks(2, tmp_path / "native", *args)
     assert r.returncode == 0, r.stderr[-3000:]
-    r = torchrun(2, tmp_path / "1f1b", *args, "pipeline.schedule=1f1b", "data.drop_last=true")
+    r = launch_ranks(2, tmp_path / "1f1b", *args, "pipeline.schedule=1f1b", "data.drop_last=true")
     assert r.returncode == 0, r.stderr[-3000:]
     assert_same_run(load(tmp_path / "native"), load(tmp_path / "1f1b"), atol=2e-6)
 
