@@ -13,6 +13,7 @@ the mean ± sample std (n-1) over its distinct seeds (a seed run more than once,
 ranks, counts once: its newest run). Per (dataset, model) the report has a table and up to
 three plots: test accuracy (perplexity for language models) vs epoch, per-block alignment
 (grad_cos) over training, and the final metric vs T (the paper's Figure 2) when T varies.
+With `--budget shortest` the tables also give each group's metric at equal training time.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ import yaml
 
 RULE_ORDER = ("bp", "fa", "dfa", "drtp", "pepita", "grape")
 PARTS = ("table", "curve", "alignment", "calibration", "time")
+# A table's time budget (--budget): training seconds, "shortest" (the least any of its runs
+# trained), or none.
+Budget = float | str | None
 
 # Config keys that do not change what a run learns (or only like a seed does): runs differing
 # only in these are pooled. Anything ending in ".fused" is ignored too (same arithmetic).
@@ -357,11 +361,17 @@ def _compact(values: Sequence[float], digits: int) -> str:
     return str(int(m)) if m == int(m) and all(v == m for v in values) else f"{m:.{digits}f}"
 
 
-def markdown_table(groups: Sequence[Group]) -> str:
+def markdown_table(groups: Sequence[Group], budget: Budget = None) -> str:
+    """One row per group. With a `budget` (training seconds, or "shortest": the least any run
+    of these groups trained), two more columns: each group's training seconds and its test
+    metric at the budget, so that forms with different step costs compare at equal time."""
     lm = any(g.is_lm for g in groups)
     unit = "test perplexity" if lm else "test acc. (%)"
+    seconds = resolve_budget(budget, groups)
+    timed = ([] if seconds is None else
+             ["training s", f"{unit.replace(' (%)', '')} at {seconds:.0f} training s"])
     head = ["run group", "rule", "model", "dataset", "T", "seeds", f"final {unit}",
-            f"best {unit}", "calibrations", "wall s", "world size", "runs"]
+            f"best {unit}", *timed, "calibrations", "wall s", "world size", "runs"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         pooled = g.pooled
@@ -374,6 +384,10 @@ def markdown_table(groups: Sequence[Group]) -> str:
             g.name, g.rule, g.model, g.dataset, g.t_text, seed_text,
             fmt_mean_std(_metric_values(g, final_metric)),
             fmt_mean_std(_metric_values(g, best_metric)),
+            *([] if seconds is None else [
+                _compact([t for r in g.pooled if (t := training_seconds(r)) is not None], 0),
+                fmt_mean_std([v for r in g.pooled if (v := metric_at(r, seconds)) is not None]),
+            ]),
             _compact(_summary_numbers(g, "calibration_steps"), 1),
             _compact(_summary_numbers(g, "wall_seconds"), 1),
             ", ".join(map(str, worlds)) or "—",
@@ -483,6 +497,26 @@ def time_to_reach(run: Run, target: float) -> float | None:
             return t0 + (t - t0) * (target - v0) / (v - v0)
         prev = (t, v)
     return None
+
+
+def training_seconds(run: Run) -> float | None:
+    """The training seconds (steps and calibrations) up to the run's last evaluation."""
+    pts = metric_over_time(run)
+    return pts[-1][0] if pts else None
+
+
+def metric_at(run: Run, seconds: float) -> float | None:
+    """The test metric of the last evaluation within `seconds` of training: what stopping the
+    run at that time would have given. None if it had not evaluated by then."""
+    within = [v for t, v in metric_over_time(run) if t <= seconds * (1 + 1e-9)]
+    return within[-1] if within else None
+
+
+def resolve_budget(budget: Budget, groups: Sequence[Group]) -> float | None:
+    if budget != "shortest":
+        return None if budget is None else float(budget)
+    totals = [t for g in groups for r in g.pooled if (t := training_seconds(r)) is not None]
+    return min(totals) if totals else None
 
 
 def plot_time(groups: Sequence[Group], path: Path, title: str) -> bool:
@@ -618,7 +652,7 @@ def _slug(text: str) -> str:
 
 def render_sections(runs: Sequence[Run], out: Path, link_base: Path, prefix: str = "",
                     parts: Sequence[str] = PARTS, heading: str = "##",
-                    metric: str = "grad_cos") -> str:
+                    metric: str = "grad_cos", budget: Budget = None) -> str:
     """Markdown for `runs`: per (dataset, model) a table and plots. PNGs go into `out`
     (named `<prefix><dataset>_<model>_<plot>.png`); links are relative to `link_base`."""
     sections = group_runs(runs)
@@ -627,7 +661,7 @@ def render_sections(runs: Sequence[Run], out: Path, link_base: Path, prefix: str
         title = f"{dataset} / {model}"
         text = [f"{heading} {title}\n"] if heading else []
         if "table" in parts:
-            text.append(markdown_table(groups))
+            text.append(markdown_table(groups, budget))
         stem = f"{prefix}{_slug(dataset)}_{_slug(model)}"
         plots = [("curve", "test metric vs epoch",
                   lambda p, g=groups, t=title: plot_curves(g, p, t)),
@@ -653,11 +687,11 @@ MEAN_NOTE = ("Test metrics are the mean ± sample std (n − 1) over a group's r
 
 
 def write_report(runs: Sequence[Run], out: Path, title: str, command: str,
-                 metric: str = "grad_cos") -> Path:
+                 metric: str = "grad_cos", budget: Budget = None) -> Path:
     from .fileio import atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
-    body = render_sections(runs, out, out, metric=metric)
+    body = render_sections(runs, out, out, metric=metric, budget=budget)
     text = (f"# {title}\n\nGenerated by `{command}` from {len(runs)} runs. {MEAN_NOTE}\n\n"
             f"{body}")
     path = out / "report.md"
@@ -670,7 +704,7 @@ END = re.compile(r"^<!-- report:end (\S+) -->\s*$")
 
 
 def update_results_page(page: Path, runs: Sequence[Run], out: Path, command: str,
-                        metric: str = "grad_cos") -> list[str]:
+                        metric: str = "grad_cos", budget: Budget = None) -> list[str]:
     """Regenerate each `<!-- report:begin GLOB [PART ...] -->` … `<!-- report:end GLOB -->`
     block of `page` from the runs whose relative path matches GLOB (fnmatch: `*` also crosses
     `/`), leaving everything outside the markers as it is. PARTS: any of table, curve,
@@ -721,7 +755,7 @@ def update_results_page(page: Path, runs: Sequence[Run], out: Path, command: str
             slugs.add(slug)
             body = render_sections(chosen, out / slug, page.parent, parts=opts or PARTS,
                                    heading="####" if len(group_runs(chosen)) > 1 else "",
-                                   metric=metric)
+                                   metric=metric, budget=budget)
             result.append(f"<!-- generated by `{command}` from {len(chosen)} runs; edits "
                           f"between these markers are overwritten -->\n\n{body}\n")
         result.append(lines[i])  # the end marker
@@ -932,7 +966,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--alignment-metric", default="grad_cos",
                    help="the per-block alignment metric to plot (default grad_cos; also "
                         "jac_cos, jhat_cos, train_col_cos)")
+    p.add_argument("--budget", type=_budget, metavar="SECONDS|shortest",
+                   help="add each group's training seconds and its test metric at this many "
+                        "training seconds (timing.jsonl; `shortest`: the least any run of the "
+                        "table trained), to compare forms at equal time")
     return p.parse_args(argv)
+
+
+def _budget(text: str) -> float | str:
+    if text == "shortest":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give positive seconds or 'shortest'")
+    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -946,11 +996,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = Path(args.out) if args.out else Path(args.run_dirs[0]) / "report"
         if args.results_page:
             for warning in update_results_page(Path(args.results_page), runs, out, command,
-                                               args.alignment_metric):
+                                               args.alignment_metric, args.budget):
                 print(f"warning: {warning}", file=sys.stderr)
             print(f"{args.results_page}: blocks regenerated from {len(runs)} runs")
         else:
-            path = write_report(runs, out, args.title, command, args.alignment_metric)
+            path = write_report(runs, out, args.title, command, args.alignment_metric,
+                                args.budget)
             print(f"{path}: {len(runs)} runs")
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -249,3 +249,46 @@ def test_time_to_accuracy_from_the_runs_clocks(runs_root: Path, made: Path) -> N
             mid = (first + last) / 2
             assert time_to_reach(run, mid) == pytest.approx((seconds[0] + seconds[1]) / 2)
     assert list(made.glob("*_time.png"))
+
+
+@pytest.mark.parametrize("budget", ["shortest", "between"])
+def test_budget_reads_each_group_at_equal_training_time(runs_root: Path, tmp_path: Path,
+                                                        budget: str) -> None:
+    """`--budget`: each group's metric at the budget is that of its runs' last evaluation
+    within that many training seconds, recomputed here from timing.jsonl and metrics.jsonl."""
+    clocks: dict[tuple[str, str], list[list[tuple[float, float]]]] = {}
+    for summary in sorted(runs_root.rglob("summary.json")):
+        cfg = yaml.safe_load((summary.parent / "config.yaml").read_text())
+        t = cfg["calibration"]["every_epochs"]
+        seconds = {json.loads(ln)["step"]: json.loads(ln)["train_seconds"]
+                   for ln in (summary.parent / "timing.jsonl").read_text().splitlines()}
+        evals = [json.loads(ln) for ln in (summary.parent / "metrics.jsonl").read_text()
+                 .splitlines()]
+        clocks.setdefault((cfg["rule"], "none" if t == 0 else str(t)), []).append(
+            [(seconds[e["step"]], 100 * e["accuracy"]) for e in evals
+             if e.get("split") == "test"])
+    totals = [run[-1][0] for runs in clocks.values() for run in runs]
+    # "between": after every run's first evaluation, before the slowest run's second.
+    seconds = (min(totals) if budget == "shortest" else
+               (max(run[0][0] for runs in clocks.values() for run in runs) + max(totals)) / 2)
+    r = report(runs_root, "--out", tmp_path, "--budget",
+               budget if budget == "shortest" else str(seconds))
+    assert r.returncode == 0, r.stderr
+    rows = table_rows((tmp_path / "report.md").read_text())
+    column = f"test acc. at {seconds:.0f} training s"
+    assert all(column in row for row in rows), rows[0].keys()
+    for row in rows:
+        runs = clocks[(row["rule"], row["T"])]
+        # A run that had not evaluated by then gives nothing (it may be the slower seed).
+        at = [within[-1] for run in runs
+              if (within := [v for t, v in run if t <= seconds * (1 + 1e-9)])]
+        assert row[column] == (expected(at) if len(at) > 1 else
+                               f"{at[0]:.2f}" if at else "—")
+        assert row["training s"] == f"{statistics.fmean(run[-1][0] for run in runs):.0f}"
+    # Before any evaluation nothing is read off; a bad budget is refused before any work.
+    early = report(runs_root, "--out", tmp_path / "early", "--budget", "1e-6")
+    assert {row["test acc. at 0 training s"] for row in
+            table_rows((tmp_path / "early" / "report.md").read_text())} == {"—"}
+    bad = report(runs_root, "--out", tmp_path / "bad", "--budget", "0")
+    assert bad.returncode == 2 and "--budget: '0'" in bad.stderr
+    assert not (tmp_path / "bad").exists()
