@@ -43,7 +43,7 @@ class CalibrationResult:
     that was kept (1 = all of it, 0 = undone)."""
 
     step: StepResult
-    outputs: int
+    outputs: int = 0  # the rows judged x positions per row; 0 when the step was not checked
     loss_before: float | None = None
     loss_after: float | None = None
     scale: float = 1.0
@@ -120,7 +120,7 @@ class PipelineEngine:
         batch = self._batch(x, y, step, offset, total)
         if line_search <= 0:
             result = self._run(self.calibration_schedule, stages, batch, step, "calibration")
-            return CalibrationResult(result, batch.total * self.model.signal_spec.positions)
+            return CalibrationResult(result)
         if check is None:
             check = CheckRows(x, y, batch.total)
         params = [p for s in self.stages for p in s.calibration.parameters()]
