@@ -99,10 +99,21 @@ class Run:
     # timing.jsonl: per evaluation, the training seconds (steps and calibrations) and wall
     # seconds so far; empty for runs written before it existed.
     timing: list[dict[str, Any]] = field(default_factory=list)
+    # resumes.jsonl: the config keys each resume changed ({"changed": {key: [old, new]}}).
+    # config.yaml keeps the config the run started with.
+    resumes: list[dict[str, Any]] = field(default_factory=list)
 
     @cached_property
     def flat(self) -> dict[str, Any]:
-        return _flatten(self.config)
+        """The config the run finished with: config.yaml, then each resume's changes (a run
+        resumed with train.epochs=40 is grouped with runs started for 40 epochs)."""
+        flat = _flatten(self.config)
+        for entry in self.resumes:
+            changed = entry.get("changed")
+            for key, value in (changed.items() if isinstance(changed, dict) else ()):
+                if isinstance(value, list) and len(value) == 2:
+                    flat[key] = value[1]
+        return flat
 
     def _get(self, summary_key: str, config_key: str) -> str:
         v = self.summary.get(summary_key, self.flat.get(config_key))
@@ -198,7 +209,8 @@ def load_run(path: Path, rel: str) -> Run:
         except yaml.YAMLError as exc:
             raise ReportError(f"{path / 'config.yaml'}: unreadable YAML ({exc})") from exc
     return Run(path, rel, config if isinstance(config, dict) else {}, summary,
-               _read_jsonl(path / "metrics.jsonl"), _read_jsonl(path / "timing.jsonl"))
+               _read_jsonl(path / "metrics.jsonl"), _read_jsonl(path / "timing.jsonl"),
+               _read_jsonl(path / "resumes.jsonl"))
 
 
 def discover(paths: Sequence[str | Path]) -> list[Run]:

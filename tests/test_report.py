@@ -292,3 +292,24 @@ def test_budget_reads_each_group_at_equal_training_time(runs_root: Path, tmp_pat
     bad = report(runs_root, "--out", tmp_path / "bad", "--budget", "0")
     assert bad.returncode == 2 and "--budget: '0'" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_resumed_run_is_grouped_by_the_config_it_finished_with(runs_root: Path,
+                                                                 tmp_path: Path) -> None:
+    """A run started for 1 epoch and resumed with train.epochs=2 (config.yaml keeps the
+    first, resumes.jsonl the change) pools with a run started for 2 epochs."""
+    from grape_dist.train import main
+
+    run = tmp_path / "runs" / "dfa_T0_s0_resumed"
+    common = [f"{k}={v}" for k, v in (a.split("=", 1) for a in TINY) if k != "train.epochs"]
+    assert main(["--config", str(ROOT / "configs/mnist_mlp_grape.yaml"), "--out", str(run),
+                 "--quiet", "rule=dfa", "seed=0", "calibration.every_epochs=0", *common,
+                 "train.epochs=1", "train.checkpoint=true"]) == 0
+    assert main(["--resume", str(run), "--quiet", "train.epochs=2"]) == 0
+    assert "train.epochs" in (run / "resumes.jsonl").read_text()
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 1
+    shutil.copytree(runs_root / "mlp" / "dfa_T0_s1", tmp_path / "runs" / "dfa_T0_s1")
+    r = report(tmp_path / "runs", "--out", tmp_path / "report")
+    assert r.returncode == 0, r.stderr
+    rows = table_rows((tmp_path / "report" / "report.md").read_text())
+    assert [(row["run group"], row["seeds"]) for row in rows] == [("dfa", "2 (0, 1)")]
