@@ -287,6 +287,7 @@ def test_budget_reads_each_group_at_equal_training_time(runs_root: Path, tmp_pat
         assert row["training s"] == f"{statistics.fmean(run[-1][0] for run in runs):.0f}"
     # Before any evaluation nothing is read off; a bad budget is refused before any work.
     early = report(runs_root, "--out", tmp_path / "early", "--budget", "1e-6")
+    assert early.returncode == 0, early.stderr
     assert {row["test acc. at 0 training s"] for row in
             table_rows((tmp_path / "early" / "report.md").read_text())} == {"—"}
     bad = report(runs_root, "--out", tmp_path / "bad", "--budget", "0")
