@@ -990,11 +990,11 @@ def _budget(text: str) -> float | str:
         return text
     try:
         value = float(text)
+        if value > 0:  # also refuses nan
+            return value
     except ValueError:
-        value = -1.0
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: give positive seconds or 'shortest'")
-    return value
+        pass
+    raise argparse.ArgumentTypeError(f"{text!r}: give positive seconds or 'shortest'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

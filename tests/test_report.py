@@ -290,9 +290,10 @@ def test_budget_reads_each_group_at_equal_training_time(runs_root: Path, tmp_pat
     assert early.returncode == 0, early.stderr
     assert {row["test acc. at 0 training s"] for row in
             table_rows((tmp_path / "early" / "report.md").read_text())} == {"—"}
-    bad = report(runs_root, "--out", tmp_path / "bad", "--budget", "0")
-    assert bad.returncode == 2 and "--budget: '0'" in bad.stderr
-    assert not (tmp_path / "bad").exists()
+    for text in ("0", "x", "nan"):
+        bad = report(runs_root, "--out", tmp_path / "bad", "--budget", text)
+        assert bad.returncode == 2 and f"--budget: '{text}'" in bad.stderr
+        assert not (tmp_path / "bad").exists()
 
 
 def test_a_resumed_run_is_grouped_by_the_config_it_finished_with(runs_root: Path,
