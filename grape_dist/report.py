@@ -387,8 +387,9 @@ def markdown_table(groups: Sequence[Group], budget: Budget = None) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
         pooled = g.pooled
-        seed_text = f"{len(pooled)} (" + ", ".join(
-            "?" if r.seed is None else str(r.seed) for r in pooled) + ")"
+        seeds = sorted(r.seed for r in pooled if r.seed is not None)
+        unknown = ["?"] * (len(pooled) - len(seeds))
+        seed_text = f"{len(pooled)} (" + ", ".join([*map(str, seeds), *unknown]) + ")"
         if len(pooled) < len(g.runs):
             seed_text += f"; {len(g.runs) - len(pooled)} repeat(s) of a seed not pooled"
         worlds = sorted({int(w) for w in _summary_numbers(g, "world_size")})

@@ -310,7 +310,8 @@ def test_a_resumed_run_is_grouped_by_the_config_it_finished_with(runs_root: Path
     assert main(["--resume", str(run), "--quiet", "train.epochs=2"]) == 0
     assert "train.epochs" in (run / "resumes.jsonl").read_text()
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 1
-    shutil.copytree(runs_root / "mlp" / "dfa_T0_s1", tmp_path / "runs" / "dfa_T0_s1")
+    # Named to sort before seed 0's folder: the seeds column is still listed in seed order.
+    shutil.copytree(runs_root / "mlp" / "dfa_T0_s1", tmp_path / "runs" / "a_dfa_T0_s1")
     r = report(tmp_path / "runs", "--out", tmp_path / "report")
     assert r.returncode == 0, r.stderr
     rows = table_rows((tmp_path / "report" / "report.md").read_text())
